@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""smca_detr: SMCA-DETR, Conditional DETR and Deformable DETR for detectron2.
+
+detectron2 is not on PyPI: install it first (``python tools/install_detectron2.py`` or from source).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="smca_detr",
+    version="0.1.0",
+    description="Fast-converging DETR detectors (SMCA-DETR, Conditional DETR, Deformable DETR) for detectron2",
+    packages=find_packages(include=["smca_detr", "smca_detr.*"]),
+    package_data={"smca_detr": ["model_zoo/configs/*.yaml", "checkpoints/*.pth"]},
+    python_requires=">=3.8",
+    install_requires=["torch>=2.1", "scipy", "fvcore", "pycocotools", "tqdm"],
+    extras_require={"triton": ["triton"], "test": ["pytest"]},
+)

@@ -1,0 +1,12 @@
+"""Checkpoint loading and conversion of official SMCA / Conditional / Deformable DETR weights."""
+from .common import coco_official_columns, convert_backbone, remap_class_rows, rename_official_backbone_key
+from .safe_load import UnsafeCheckpointError, safe_torch_load
+
+__all__ = [
+    "safe_torch_load",
+    "UnsafeCheckpointError",
+    "rename_official_backbone_key",
+    "convert_backbone",
+    "coco_official_columns",
+    "remap_class_rows",
+]

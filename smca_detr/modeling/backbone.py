@@ -1,0 +1,54 @@
+"""Backbone adapter: any detectron2 backbone (``build_backbone``) -> the levels a DETR transformer
+reads, each with its padding mask.
+
+Padding masks follow the official code: the image-level mask (True = padding) of the padded batch is
+resized with nearest-neighbour interpolation to each feature map. With the batch padded to a
+multiple of the largest stride, a feature pixel's mask value only depends on its own image, so
+results do not depend on the test batch size.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_backbone
+from torch import nn
+
+__all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
+
+
+def image_padding_mask(image_sizes: Sequence[Tuple[int, int]], padded_hw: Tuple[int, int],
+                       device=None) -> torch.Tensor:
+    """``[B,H,W]`` bool mask, True on padding, from unpadded (h, w) sizes."""
+    mask = torch.ones((len(image_sizes), *padded_hw), dtype=torch.bool, device=device)
+    for i, (h, w) in enumerate(image_sizes):
+        mask[i, : int(h), : int(w)] = False
+    return mask
+
+
+def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a ``[B,H,W]`` bool mask (official ``F.interpolate`` convention)."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+class DetrBackbone(nn.Module):
+    """Runs a detectron2 backbone and returns ``in_features`` (finest first) with their masks."""
+
+    def __init__(self, cfg, in_features: List[str]):
+        super().__init__()
+        self.body = build_backbone(cfg)
+        shapes = self.body.output_shape()
+        missing = [f for f in in_features if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.SMCA_DETR.IN_FEATURES asks for {missing}, but the backbone only outputs "
+                f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES accordingly)")
+        self.in_features = list(in_features)
+        self.output_shapes = [shapes[f] for f in self.in_features]
+        self.size_divisibility = max(
+            getattr(self.body, "size_divisibility", 0) or 0, max(s.stride for s in self.output_shapes))
+
+    def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        feats = self.body(images)
+        mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)
+        features = [feats[f] for f in self.in_features]
+        return features, [resize_mask(mask, f.shape[-2:]) for f in features]

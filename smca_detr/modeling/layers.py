@@ -1,0 +1,130 @@
+"""Small building blocks shared by every variant: MLP heads, attention, FFN, inverse sigmoid."""
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MLP", "MultiheadAttention", "FFNMixin", "make_attn_mask", "inverse_sigmoid", "get_activation", "clones"]
+
+
+def clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def get_activation(name: str):
+    acts = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    if name not in acts:
+        raise ValueError(f"MODEL.SMCA_DETR.ACTIVATION must be one of {sorted(acts)}, got {name!r}")
+    return acts[name]
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """logit(x) with x clamped to [eps, 1 - eps] (official Conditional/Deformable convention)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU in between (DETR's box head). Keys ``layers.{i}``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = F.relu(x)
+        return x
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention, batch first, through ``F.scaled_dot_product_attention``.
+
+    Parameters have ``nn.MultiheadAttention``'s names (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj``), so official DETR-family checkpoints load unchanged. ``attn_bias`` is an additive
+    logit bias ``[B, M, Lq, Lk]`` (or broadcastable), e.g. SMCA's log-Gaussian; padded keys get
+    ``-inf`` before it is added.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MODEL.SMCA_DETR.NHEADS={num_heads} must divide MODEL.SMCA_DETR.HIDDEN_DIM={embed_dim}"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def project(self, query, key, value):
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        if query is key and key is value:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        elif query is key:
+            q, k = F.linear(query, self.in_proj_weight[: 2 * self.embed_dim],
+                            self.in_proj_bias[: 2 * self.embed_dim]).chunk(2, dim=-1)
+            v = F.linear(value, w_v, b_v)
+        else:
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return self._split(q), self._split(k), self._split(v)
+
+    def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None,
+                attn_bias: Optional[torch.Tensor] = None, need_weights: bool = False):
+        """query ``[B,Lq,E]``, key/value ``[B,Lk,E]``, key_padding_mask ``[B,Lk]`` (True = pad)."""
+        q, k, v = self.project(query, key, value)
+        mask = make_attn_mask(key_padding_mask, attn_bias, q.dtype)
+        if need_weights:
+            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            if mask is not None:
+                logits = logits + mask
+            weights = logits.softmax(-1)
+            out = F.dropout(weights, self.dropout, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).flatten(2)
+        return self.out_proj(out), weights
+
+
+def make_attn_mask(key_padding_mask, attn_bias, dtype):
+    """Additive float mask ``[B,1|M,1|Lq,Lk]``: -inf at padded keys, plus ``attn_bias``."""
+    mask = None
+    if key_padding_mask is not None:
+        mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+        mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+    if attn_bias is not None:
+        attn_bias = attn_bias.to(dtype)
+        mask = attn_bias if mask is None else mask + attn_bias
+    return mask
+
+
+class FFNMixin:
+    """Adds the transformer feed-forward block with the official key names (``linear1``, ``linear2``)
+    directly on the layer, so checkpoints load without renames."""
+
+    def build_ffn(self, d_model: int, dim_feedforward: int, dropout: float, activation: str):
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = get_activation(activation)
+
+    def ffn(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))

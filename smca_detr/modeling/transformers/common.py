@@ -1,0 +1,100 @@
+"""Pieces shared by the DETR-style (global attention) transformers: the encoder, the single-level
+input projection with its position encoding and padding mask, flattening helpers.
+
+Everything is batch first: sequences are ``[B, S, d]``.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..layers import FFNMixin, MultiheadAttention, clones
+from ..position_encoding import PositionEmbeddingSine
+
+__all__ = ["TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
+           "SingleLevelInput", "check_levels"]
+
+
+@dataclass
+class TransformerOutput:
+    """What every registered transformer returns.
+
+    hs: decoder outputs of every layer, ``[L,B,Q,d]`` (after the decoder norm where the method has one).
+    references: reference of every layer in logit space, ``[L,B,Q,2|4]``, added to the first 2 or 4
+        box-head outputs before the sigmoid (None for plain DETR).
+    enc_outputs: two-stage encoder predictions ``{"pred_logits", "pred_boxes"}`` or None.
+    extras: method-specific tensors for tests and visualisation (e.g. attention maps).
+    """
+
+    hs: torch.Tensor
+    references: Optional[torch.Tensor] = None
+    enc_outputs: Optional[Dict[str, torch.Tensor]] = None
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def flatten_level(x: torch.Tensor) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B,H*W,C]`` (row-major, as the official code)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class TransformerEncoderLayer(FFNMixin, nn.Module):
+    """DETR encoder layer: self-attention with positions added to queries and keys, then FFN;
+    post-norm (official default) or pre-norm."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 normalize_before=False):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.build_ffn(d_model, dim_feedforward, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def forward(self, src, pos, key_padding_mask: Optional[torch.Tensor] = None):
+        if self.normalize_before:
+            x = self.norm1(src)
+            q = x + pos
+            src = src + self.dropout1(self.self_attn(q, q, x, key_padding_mask=key_padding_mask)[0])
+            return src + self.dropout2(self.ffn(self.norm2(src)))
+        q = src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(q, q, src, key_padding_mask=key_padding_mask)[0]))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of encoder layers; a final LayerNorm only with pre-norm (official convention)."""
+
+    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers = clones(layer, num_layers)
+        self.norm = norm
+
+    def forward(self, src, pos, key_padding_mask=None):
+        for layer in self.layers:
+            src = layer(src, pos, key_padding_mask)
+        return self.norm(src) if self.norm is not None else src
+
+
+class SingleLevelInput(nn.Module):
+    """The single-level input of DETR / SMCA / Conditional DETR: a 1x1 ``input_proj`` conv to d,
+    the sine position encoding of the padding mask, everything flattened batch first."""
+
+    def __init__(self, in_channels: int, d_model: int, temperature: float = 10000):
+        super().__init__()
+        self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
+        self.position_embedding = PositionEmbeddingSine(d_model // 2, temperature=temperature)
+
+    def forward(self, feature: torch.Tensor, mask: torch.Tensor):
+        src = self.input_proj(feature)
+        pos = self.position_embedding(mask).to(src.dtype)
+        return flatten_level(src), flatten_level(pos), mask.flatten(1), src.shape[-2:]
+
+
+def check_levels(name: str, features: List[torch.Tensor], expected: int):
+    if len(features) != expected:
+        raise ValueError(
+            f"{name} takes {expected} feature level(s) but MODEL.SMCA_DETR.IN_FEATURES gives "
+            f"{len(features)}")

@@ -1,0 +1,89 @@
+"""The DETR baseline transformer (Carion et al., ECCV 2020): encoder over one feature level,
+decoder with learned object queries, post-norm or pre-norm."""
+import torch
+from torch import nn
+
+from ..layers import FFNMixin, MultiheadAttention, clones
+from ..registry import TRANSFORMER_REGISTRY
+from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
+                     check_levels)
+
+__all__ = ["DETRTransformer", "TransformerDecoderLayer", "TransformerDecoder"]
+
+
+class TransformerDecoderLayer(FFNMixin, nn.Module):
+    """DETR decoder layer: self-attention over queries, cross-attention to the memory, FFN."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 normalize_before=False):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.build_ffn(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None):
+        if self.normalize_before:
+            x = self.norm1(tgt)
+            q = x + query_pos
+            tgt = tgt + self.dropout1(self.self_attn(q, q, x)[0])
+            x = self.norm2(tgt)
+            tgt = tgt + self.dropout2(self.multihead_attn(
+                x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0])
+            return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
+        q = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(
+            tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0]))
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+
+
+class TransformerDecoder(nn.Module):
+    """Decoder stack; the shared final LayerNorm is applied to every layer's output."""
+
+    def __init__(self, layer, num_layers, d_model):
+        super().__init__()
+        self.layers = clones(layer, num_layers)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None):
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
+            hs.append(self.norm(tgt))
+        return torch.stack(hs)
+
+
+@TRANSFORMER_REGISTRY.register()
+class DETRTransformer(nn.Module):
+    """Plain DETR. Keys: ``input.input_proj``, ``query_embed``, ``encoder.*``, ``decoder.*``."""
+
+    def __init__(self, cfg, input_shapes):
+        super().__init__()
+        c = cfg.MODEL.SMCA_DETR
+        check_levels("DETRTransformer", input_shapes, 1)
+        d = c.HIDDEN_DIM
+        self.d_model = d
+        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
+        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
+        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
+        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, nn.LayerNorm(d) if c.PRE_NORM else None)
+        dec_layer = TransformerDecoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
+        self.decoder = TransformerDecoder(dec_layer, c.DEC_LAYERS, d)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Official: Xavier on the encoder/decoder matrices only (input_proj, queries keep their init).
+        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
+        src, pos, mask, _ = self.input(features[0], masks[0])
+        memory = self.encoder(src, pos, mask)
+        query_pos = self.query_embed.weight[None].expand(src.shape[0], -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        hs = self.decoder(tgt, memory, pos, query_pos, mask)
+        return TransformerOutput(hs=hs)
