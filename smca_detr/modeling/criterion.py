@@ -31,6 +31,11 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
     return loss
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half / bfloat16 -> float32; float32 and float64 (parity runs) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _autocast_off(device_type):
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -88,15 +93,15 @@ class SetCriterion(nn.Module):
         else:
             target_classes = torch.full((bs, nq), nc - 1, dtype=torch.int64, device=logits.device)
             target_classes[batch_idx, src_idx] = matched_labels
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
         with torch.no_grad():
             if len(matched_labels):
-                acc = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).float().mean() * 100
+                acc = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).to(logits.dtype).mean() * 100
                 class_error = 100 - acc
             else:
-                class_error = torch.zeros((), device=logits.device)
-            n_pred = (logits.argmax(-1) != nc - 1).sum(1).float()
-            n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device).float()
+                class_error = logits.new_zeros(())
+            n_pred = (logits.argmax(-1) != nc - 1).sum(1).to(logits.dtype)
+            n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device).to(n_pred)
             card_error = F.l1_loss(n_pred, n_tgt)
         return {"loss_ce": loss_ce, "class_error": class_error, "cardinality_error": card_error}
 
@@ -133,8 +138,8 @@ class SetCriterion(nn.Module):
         matcher indices per layer (``final``, ``aux_i``, ``enc``). Runs in float32."""
         logits_all = outputs["pred_logits"]
         with _autocast_off(logits_all.device.type):
-            logits_all = logits_all.float()
-            boxes_all = outputs["pred_boxes"].float()
+            logits_all = _at_least_float32(logits_all)
+            boxes_all = _at_least_float32(outputs["pred_boxes"])
             num_boxes = self.num_boxes(targets, logits_all.device)
             losses, indices = {}, {}
             n_layers = logits_all.shape[0]
@@ -146,7 +151,7 @@ class SetCriterion(nn.Module):
             enc = outputs.get("enc_outputs")
             if enc is not None:
                 bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-                self._layer(enc["pred_logits"].float(), enc["pred_boxes"].float(), bin_targets,
+                self._layer(_at_least_float32(enc["pred_logits"]), _at_least_float32(enc["pred_boxes"]), bin_targets,
                             num_boxes, "_enc", losses, indices, "enc")
         return losses, indices
 

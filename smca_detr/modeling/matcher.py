@@ -71,12 +71,14 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty) for _ in targets]
         with _autocast_off(logits.device.type):
-            out_logits = logits.flatten(0, 1).float()
-            out_boxes = boxes.flatten(0, 1).float()
+            # half / bfloat16 -> float32; float64 (parity runs) stays float64
+            work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            out_logits = logits.flatten(0, 1).to(work)
+            out_boxes = boxes.flatten(0, 1).to(work)
             if not (torch.isfinite(out_logits).all() and torch.isfinite(out_boxes).all()):
                 _diverged("the model predicted non-finite class logits or boxes")
             tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
-            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device).float()
+            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, work)
             cost = (
                 self.cost_class * self.class_cost(out_logits, tgt_labels)
                 + self.cost_bbox * torch.cdist(out_boxes, tgt_boxes, p=1)

@@ -1,0 +1,228 @@
+"""Conditional DETR (Meng et al., "Conditional DETR for Fast Training Convergence", ICCV 2021).
+
+The encoder is the standard DETR encoder over one feature level (``common.py``). The decoder
+differs from DETR's in three ways:
+
+* every attention has separate linear projections for the content and the positional part of its
+  queries and keys (``sa_qcontent_proj``/``sa_qpos_proj``/..., ``ca_qcontent_proj``/...), and the
+  attention modules themselves only hold the output projection (``self_attn.out_proj``,
+  ``cross_attn.out_proj``);
+* the cross-attention query/key of each head is the concatenation of a content part and a spatial
+  part, ``q_h = [c_q,h ; p_q,h]``, ``k_h = [c_k,h ; p_k,h]`` (width ``2d/M`` per head, values keep
+  ``d/M``), so the attention logit is ``c_q·c_k + p_q·p_k`` with scale ``1/sqrt(2d/M)``. The spatial
+  query is ``p_q = λ_q ⊙ PE(s)``: the sine embedding of the reference point ``s`` (``d/2`` frequencies
+  per coordinate, y block then x block) times ``λ_q = T(f)``, an MLP of the previous layer's raw
+  output (identity in layer 0);
+* the reference point ``s = sigmoid(ref_point_head(o_q))`` is predicted once from the object query
+  and the box head adds ``logit(s)`` to its (cx, cy) outputs in every layer.
+
+Only layer 0 adds the object query / memory position to the content query / key
+(``ca_qpos_proj``; later layers have no such key, as the official model). The decoder LayerNorm is
+applied to every layer output. The official decoder is post-norm only (pre-norm raises there too).
+
+Attention runs through ``F.scaled_dot_product_attention``: the self-attention with head width
+``d/M``, the cross-attention with query/key head width ``2d/M`` and value head width ``d/M`` (SDPA
+supports different query/key and value widths), so no Python loop over heads is needed.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import MLP, FFNMixin, clones, inverse_sigmoid, make_attn_mask
+from ..position_encoding import sine_embed
+from ..registry import TRANSFORMER_REGISTRY
+from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
+                     check_levels)
+
+__all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
+
+
+class HeadAttention(nn.Module):
+    """Attention over already projected, head-split inputs; only holds ``out_proj``.
+
+    ``q [B,M,Lq,Eqk]``, ``k [B,M,Lk,Eqk]``, ``v [B,M,Lk,Ev]`` -> ``[B,Lq,M*Ev]`` after ``out_proj``.
+    The logit scale is ``1/sqrt(Eqk)`` (the official ``head_dim ** -0.5`` with ``head_dim`` the
+    query/key width per head). ``impl="naive"`` computes the same with an explicit softmax (for
+    tests and benchmarks); ``"sdpa"`` uses ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(self, value_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.out_proj = nn.Linear(value_dim, value_dim)
+        nn.init.zeros_(self.out_proj.bias)
+        self.dropout = dropout
+        self.impl = "sdpa"
+
+    def forward(self, q, k, v, attn_mask: Optional[torch.Tensor] = None):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale)
+        elif self.impl == "naive":
+            logits = (q * scale) @ k.transpose(-1, -2)
+            if attn_mask is not None:
+                logits = logits + attn_mask
+            out = F.dropout(logits.softmax(-1), p, self.training) @ v
+        else:
+            raise ValueError(f"HeadAttention.impl must be 'sdpa' or 'naive', got {self.impl!r}")
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
+    """``[B,L,E]`` -> ``[B,L,M,E/M]`` (a view)."""
+    return x.unflatten(-1, (nhead, -1))
+
+
+class ConditionalDecoderLayer(FFNMixin, nn.Module):
+    """One Conditional DETR decoder layer (post-norm). ``is_first``: has ``ca_qpos_proj``."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 is_first=False):
+        super().__init__()
+        self.nhead = nhead
+        # self-attention: content / position projections of queries and keys, value projection
+        self.sa_qcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_qpos_proj = nn.Linear(d_model, d_model)
+        self.sa_kcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_kpos_proj = nn.Linear(d_model, d_model)
+        self.sa_v_proj = nn.Linear(d_model, d_model)
+        self.self_attn = HeadAttention(d_model, dropout)
+        # cross-attention
+        self.ca_qcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_proj = nn.Linear(d_model, d_model) if is_first else None
+        self.ca_kcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_kpos_proj = nn.Linear(d_model, d_model)
+        self.ca_v_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
+        self.cross_attn = HeadAttention(d_model, dropout)
+        self.build_ffn(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+
+    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, attn_mask=None):
+        """tgt ``[B,Q,d]``; memory / pos ``[B,S,d]``; query_pos ``[1|B,Q,d]``; query_sine_embed
+        ``[1|B,Q,d]`` (already multiplied by T(f)); attn_mask additive ``[B,1,1,S]`` or None."""
+        m = self.nhead
+        # ---- self-attention over the queries
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        v = self.sa_v_proj(tgt)
+        out = self.self_attn(_heads(q, m).transpose(1, 2), _heads(k, m).transpose(1, 2),
+                             _heads(v, m).transpose(1, 2))
+        tgt = self.norm1(tgt + self.dropout1(out))
+
+        # ---- conditional cross-attention: per head [content ; spatial] for queries and keys
+        q_content = self.ca_qcontent_proj(tgt)
+        k_content = self.ca_kcontent_proj(memory)
+        k_pos = self.ca_kpos_proj(pos)
+        v = self.ca_v_proj(memory)
+        if self.ca_qpos_proj is not None:  # layer 0: DETR-style positional content
+            q_content = q_content + self.ca_qpos_proj(query_pos)
+            k_content = k_content + k_pos
+        q_spatial = self.ca_qpos_sine_proj(query_sine_embed).expand_as(q_content)
+        q = torch.cat((_heads(q_content, m), _heads(q_spatial, m)), dim=-1).transpose(1, 2)
+        k = torch.cat((_heads(k_content, m), _heads(k_pos, m)), dim=-1).transpose(1, 2)
+        out = self.cross_attn(q, k, _heads(v, m).transpose(1, 2), attn_mask)
+        tgt = self.norm2(tgt + self.dropout2(out))
+
+        # ---- FFN
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+
+
+class ConditionalDecoder(nn.Module):
+    """Decoder stack with the reference-point head, the spatial-query transformation T and the
+    shared final LayerNorm (applied to every layer output)."""
+
+    def __init__(self, d_model, nhead, num_layers, dim_feedforward=2048, dropout=0.1,
+                 activation="relu", temperature=10000):
+        super().__init__()
+        self.d_model = d_model
+        self.temperature = temperature
+        self.layers = nn.ModuleList(
+            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=i == 0)
+            for i in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)   # T: λ_q = T(f)
+        self.ref_point_head = MLP(d_model, d_model, 2, 2)      # s = sigmoid(MLP(o_q))
+
+    def forward(self, tgt, memory, pos, query_pos, attn_mask=None):
+        """query_pos ``[1|B,Q,d]`` -> (hs ``[L,B,Q,d]`` normed, reference points ``[1|B,Q,2]``
+        (x, y) in [0, 1], per-layer spatial embeddings ``[L,·,Q,d]``, raw outputs ``[L,B,Q,d]``)."""
+        reference = self.ref_point_head(query_pos).sigmoid()
+        # sine embedding of (x, y) with d/2 frequencies per coordinate, y block first
+        pos_sine = sine_embed(reference.flip(-1), self.d_model // 2, self.temperature)
+        output = tgt
+        hs, sine_embeds, raw = [], [], []
+        for i, layer in enumerate(self.layers):
+            query_sine_embed = pos_sine if i == 0 else pos_sine * self.query_scale(output)
+            output = layer(output, memory, pos, query_pos, query_sine_embed, attn_mask)
+            hs.append(self.norm(output))
+            sine_embeds.append(query_sine_embed.expand_as(output))
+            raw.append(output)
+        return torch.stack(hs), reference, torch.stack(sine_embeds), torch.stack(raw)
+
+
+@TRANSFORMER_REGISTRY.register()
+class ConditionalTransformer(nn.Module):
+    """Conditional DETR transformer. Keys: ``input.input_proj``, ``query_embed``, ``encoder.*``
+    (DETR encoder), ``decoder.*`` (official Conditional DETR names)."""
+
+    # heads: focal prior on the class bias, last box layer zero-initialised (official init)
+    zero_init_box = True
+
+    def __init__(self, cfg, input_shapes):
+        super().__init__()
+        c = cfg.MODEL.SMCA_DETR
+        check_levels("ConditionalTransformer", input_shapes, 1)
+        if c.PRE_NORM:
+            raise ValueError("ConditionalTransformer: MODEL.SMCA_DETR.PRE_NORM=True is not supported "
+                             "(the official Conditional DETR decoder is post-norm only)")
+        if c.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.SMCA_DETR.DEC_LAYERS must be >= 1, got {c.DEC_LAYERS}")
+        if c.HIDDEN_DIM % 2 != 0:
+            raise ValueError(f"MODEL.SMCA_DETR.HIDDEN_DIM must be even, got {c.HIDDEN_DIM}")
+        d = c.HIDDEN_DIM
+        self.d_model = d
+        self.nhead = c.NHEADS
+        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
+        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
+        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, False)
+        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, None)
+        self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,
+                                          c.ACTIVATION, c.POS_TEMPERATURE)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Official: Xavier-uniform on every matrix of the encoder and decoder (incl. query_scale and
+        # ref_point_head); input_proj and query_embed keep PyTorch's default init.
+        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def set_attention_impl(self, impl: str):
+        """``"sdpa"`` (default) or ``"naive"`` for the decoder attentions (tests / benchmarks)."""
+        for m in self.decoder.modules():
+            if isinstance(m, HeadAttention):
+                m.impl = impl
+
+    def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
+        src, pos, mask, _ = self.input(features[0], masks[0])
+        memory = self.encoder(src, pos, mask)
+        attn_mask = make_attn_mask(mask, None, memory.dtype)
+        query_pos = self.query_embed.weight[None].to(memory.dtype)
+        tgt = memory.new_zeros(memory.shape[0], query_pos.shape[1], self.d_model)
+        hs, reference, sine_embeds, raw = self.decoder(tgt, memory, pos, query_pos, attn_mask)
+        reference = reference.expand(memory.shape[0], -1, -1)
+        references = inverse_sigmoid(reference)[None].expand(hs.shape[0], -1, -1, -1)
+        extras = {
+            "memory": memory,                     # [B,HW,d] encoder output
+            "pos": pos,                           # [B,HW,d] sine encoding of the feature map
+            "mask": mask,                         # [B,HW] True = padding
+            "reference_points": reference,        # [B,Q,2] sigmoid (x, y)
+            "query_sine_embed": sine_embeds,      # [L,B,Q,d] spatial embedding fed to each layer
+            "dec_out_raw": raw,                   # [L,B,Q,d] layer outputs before the decoder norm
+        }
+        return TransformerOutput(hs=hs, references=references, extras=extras)
