@@ -1,0 +1,104 @@
+"""DetectionCheckpointer with atomic saves and weights-only loading of ``.pth`` files.
+
+fvcore's ``Checkpointer.save`` (detectron2 v0.6 and main) streams ``torch.save`` straight into
+``<save_dir>/<name>.pth`` and rewrites ``last_checkpoint`` in place: a crash or a full disk during
+the write leaves a truncated file under the final name (and possibly ``last_checkpoint`` naming it),
+so ``--resume`` fails or, worse, an older good checkpoint of the same name is lost. Here both files
+are written to a temporary file in the same directory, flushed to disk and renamed over the final
+name with ``os.replace`` (atomic on POSIX): readers see the old file or the complete new one.
+Remote save dirs (``scheme://``) keep fvcore's behaviour.
+"""
+import logging
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["SmcaDetrCheckpointer", "atomic_write"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``.
+    On any error the temporary file is removed, ``path`` is untouched and the error propagates."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual open() permissions
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable (best effort: not every filesystem allows it)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class SmcaDetrCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` (same constructor) whose ``save`` and ``tag_last_checkpoint`` are
+    atomic and whose ``.pth`` / ``.pt`` loading refuses pickled objects other than tensors and
+    containers (``smca_detr.checkpoint.safe_torch_load``)."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not _is_local(self.save_dir):
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_dir = _local(self.save_dir)
+        os.makedirs(save_dir, exist_ok=True)
+        save_file = os.path.join(save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"Checkpoint name {name!r} must not contain a directory")
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not _is_local(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(_local(self.save_dir), "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
+
+    def _load_file(self, filename: str):
+        if filename.endswith((".pth", ".pt")) and os.path.isfile(filename):
+            from smca_detr.checkpoint import safe_torch_load
+
+            loaded = safe_torch_load(filename, map_location="cpu")
+            if not isinstance(loaded, dict) or "model" not in loaded:
+                loaded = {"model": loaded}
+            return loaded
+        return super()._load_file(filename)

@@ -1,0 +1,413 @@
+"""Training / evaluation engine of smca_detr on top of detectron2's ``DefaultTrainer``.
+
+Works with detectron2 v0.6 and current main (features are detected, versions never compared):
+
+* ``TrainLoop`` replaces SimpleTrainer / AMPTrainer: autocast in SOLVER.AMP.PRECISION ("float16"
+  with a GradScaler, "bfloat16" without) on the model's device type, so bf16 also trains on CPU
+  (v0.6's AMPTrainer asserts CUDA and has no dtype argument).
+* Resume (``resume_or_load(resume=True)``) restores the model, the optimizer, the LR scheduler, the
+  iteration and the GradScaler on both versions: the trainer state is saved as
+  ``{"iteration", "hooks", "_trainer": {"optimizer", "grad_scaler"?}}`` (main's layout; v0.6's
+  DefaultTrainer saves no optimizer state at all). The training sampler continues its index stream
+  after the last finished iteration instead of replaying the first images again.
+* Checkpoints are written atomically (``SmcaDetrCheckpointer``).
+* ``launch`` runs ``--num-gpus 1`` in-process (also on CPU) and spawns gloo workers on machines
+  without CUDA (v0.6's launch requires CUDA/NCCL for more than one process).
+"""
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import time
+import weakref
+from datetime import timedelta
+from typing import Optional
+
+import torch
+from torch.utils.data import Sampler
+
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_smca_detr_config
+from .checkpointer import SmcaDetrCheckpointer
+from .optimizer import build_optimizer as _build_optimizer
+
+__all__ = [
+    "Trainer",
+    "TrainLoop",
+    "ResumableSampler",
+    "amp_dtype",
+    "has_fast_coco_eval",
+    "launch",
+    "setup",
+]
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(cfg) -> Optional[torch.dtype]:
+    """The autocast dtype of ``cfg.SOLVER.AMP`` (None when AMP is disabled)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    precision = str(cfg.SOLVER.AMP.get("PRECISION", "float16"))
+    if precision not in _PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    return _PRECISIONS[precision]
+
+
+def _make_grad_scaler(device_type: str):
+    scaler_cls = getattr(torch.amp, "GradScaler", None)
+    if scaler_cls is not None and "device" in inspect.signature(scaler_cls.__init__).parameters:
+        return scaler_cls(device_type)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler()
+    raise ValueError(f"SOLVER.AMP.PRECISION='float16' needs a GradScaler for device '{device_type}', which "
+                     "this torch does not have; use SOLVER.AMP.PRECISION='bfloat16'")
+
+
+def has_fast_coco_eval() -> bool:
+    """Whether detectron2's compiled COCOeval (``use_fast_impl``) is available (False with the
+    placeholder ``detectron2._C`` that smca_detr installs when detectron2 has no compiled ops)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    if getattr(_C, "__smca_detr_placeholder__", False):
+        return False
+    return hasattr(_C, "COCOevalEvaluateImages")
+
+
+# ------------------------------------------------------------------------------------- train loop
+
+
+class TrainLoop(SimpleTrainer):
+    """One training iteration: forward (under autocast when ``precision`` is given), backward (scaled
+    when a GradScaler is used), metrics, optimizer step. Used for fp32, bf16 and fp16 alike.
+
+    Args:
+        model, data_loader, optimizer: as for detectron2's ``SimpleTrainer``.
+        precision: None (float32) | torch.bfloat16 | torch.float16 (autocast dtype).
+        grad_scaler: a GradScaler (float16) or None; created for float16 when not given.
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, precision: Optional[torch.dtype] = None,
+                 grad_scaler=None):
+        # SimpleTrainer of v0.6 calls iter(data_loader) right away, which would start data-loader
+        # workers before ``resume_or_load`` has told the sampler where to continue: give it an empty
+        # iterable and create our own iterator lazily on the first step.
+        super().__init__(model, [], optimizer)
+        self.data_loader = data_loader
+        self._smca_data_iter = None
+        param = next(iter(model.parameters()), None)
+        self.device_type = param.device.type if param is not None else "cpu"
+        if precision not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"precision must be None, torch.float16 or torch.bfloat16, got {precision}")
+        self.precision = precision
+        if precision == torch.float16 and grad_scaler is None:
+            grad_scaler = _make_grad_scaler(self.device_type)
+        self.grad_scaler = grad_scaler
+
+    # data ---------------------------------------------------------------------------------------
+    def next_batch(self):
+        if self._smca_data_iter is None:
+            self._smca_data_iter = iter(self.data_loader)
+        return next(self._smca_data_iter)
+
+    def reset_data_iter(self):
+        """Forget the current data iterator; the next step starts a new one (e.g. after the sampler
+        was told to skip the data of finished iterations)."""
+        self._smca_data_iter = None
+
+    def reset_data_loader(self, data_loader_builder):
+        self.data_loader = data_loader_builder()
+        self._smca_data_iter = None
+
+    # step ---------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.precision)
+
+    def run_step(self):
+        assert self.model.training, "[smca_detr TrainLoop] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = self.next_batch()
+        data_time = time.perf_counter() - start
+
+        with self.autocast():
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            losses = loss_dict
+            loss_dict = {"total_loss": loss_dict}
+        else:
+            losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        if hasattr(self, "after_backward"):  # detectron2 main's after_backward hooks; not in v0.6
+            self.after_backward()
+
+        self._write_metrics(loss_dict, data_time)
+
+        if hasattr(self.optimizer, "last_grad_norm"):
+            self.optimizer.last_grad_norm = None
+        if self.grad_scaler is not None:
+            # scaler.step unscales the gradients, then calls optimizer.step() (which clips them
+            # when full-model clipping is on) unless they contain inf/NaN
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        grad_norm = getattr(self.optimizer, "last_grad_norm", None)
+        if grad_norm is not None and comm.is_main_process():
+            get_event_storage().put_scalar("grad_norm", float(grad_norm))
+
+    # state --------------------------------------------------------------------------------------
+    def state_dict(self):
+        ret = super().state_dict()  # iteration, optimizer
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None:
+            if "grad_scaler" in state_dict:
+                self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+            else:
+                logger.warning("The checkpoint has no GradScaler state; the scaler starts afresh.")
+
+
+# ---------------------------------------------------------------------------------------- sampler
+
+
+class ResumableSampler(Sampler):
+    """Wraps an infinite training sampler and drops its first ``start`` indices, so that a resumed
+    run continues the index stream where the interrupted one stopped (``start`` = finished
+    iterations × per-process batch size). Exact for one aspect-ratio group; with several groups
+    detectron2 batches images per group, and the continuation is approximate."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.start, None)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+
+def _ensure_dataset_files(dataset_name: str) -> None:
+    """Generate an embedded synthetic split before an evaluator reads its json file."""
+    try:
+        from ..data import synthetic
+    except ImportError:
+        return
+    ensure = getattr(synthetic, "ensure_synthetic", None)
+    if ensure is not None and dataset_name in getattr(synthetic, "SPLITS", {}):
+        ensure(dataset_name)
+
+
+class Trainer(DefaultTrainer):
+    """detectron2 ``DefaultTrainer`` for smca_detr models (see the module docstring)."""
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__, with TrainLoop instead of
+        # SimpleTrainer / AMPTrainer and the atomic checkpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        precision = amp_dtype(cfg)
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        param = next(iter(model.parameters()), None)
+        ddp_kwargs = {"broadcast_buffers": False}
+        if param is not None and param.device.type == "cpu":
+            ddp_kwargs["device_ids"] = None  # CPU (gloo) DDP takes no device ids
+        model = create_ddp_model(model, **ddp_kwargs)
+        self._trainer = TrainLoop(model, data_loader, optimizer, precision=precision)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SmcaDetrCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------ resume
+    def resume_or_load(self, resume=True):
+        """Resume from the last checkpoint in OUTPUT_DIR (model, optimizer, scheduler, iteration,
+        GradScaler; the data stream continues after the last finished iteration) when ``resume``
+        and one exists; otherwise load ``cfg.MODEL.WEIGHTS`` only and start at iteration 0."""
+        super().resume_or_load(resume=resume)
+        self._continue_data_stream(self.start_iter)
+
+    def _continue_data_stream(self, start_iter: int):
+        sampler = getattr(self.data_loader, "smca_resumable_sampler", None)
+        if sampler is None:
+            if start_iter > 0:
+                logger.warning("The training data loader cannot skip finished iterations "
+                               f"(DATALOADER.SAMPLER_TRAIN={self.cfg.DATALOADER.SAMPLER_TRAIN}); the "
+                               "resumed run restarts its data stream from the beginning.")
+            return
+        sampler.start = start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        self._trainer.reset_data_iter()
+
+    def state_dict(self):
+        # TrainerBase's (iteration + hook states, e.g. the LR scheduler) plus the train loop's
+        # (optimizer, GradScaler) under "_trainer": the layout of detectron2 main, on every version
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (saved by detectron2 v0.6's "
+                           "DefaultTrainer?); the optimizer starts afresh.")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return _build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data.mapper import DetrDatasetMapper
+
+        mapper = DetrDatasetMapper(cfg, True)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        sampler = ResumableSampler(TrainingSampler(len(dataset)))
+        loader = build_detection_train_loader(
+            dataset=dataset,
+            mapper=mapper,
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+        loader.smca_resumable_sampler = sampler
+        return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data.mapper import DetrDatasetMapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        _ensure_dataset_files(dataset_name)
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
+                             use_fast_impl=has_fast_coco_eval())
+
+    def build_writers(self):
+        """Console + metrics.json writers, and TensorBoard when it is installed."""
+        PathManager.mkdirs(self.cfg.OUTPUT_DIR)
+        writers = [CommonMetricPrinter(self.max_iter),
+                   JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        try:
+            writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
+        except ImportError:
+            logger.info("tensorboard is not installed: no TensorBoard event files are written.")
+        return writers
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def setup(args):
+    """Config from the command line (``default_argument_parser`` args): detectron2 defaults + the
+    smca_detr keys, ``--config-file``, trailing ``KEY VALUE`` opts; frozen; ``default_setup``."""
+    cfg = get_cfg()
+    add_smca_detr_config(cfg)
+    if getattr(args, "config_file", ""):
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
+    cfg.freeze()
+    if cfg.DATASETS.SYNTHETIC.ROOT:
+        from ..data import synthetic
+
+        set_root = getattr(synthetic, "set_root", None)
+        if set_root is not None:
+            set_root(cfg.DATASETS.SYNTHETIC.ROOT)
+    default_setup(cfg, args)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- launch
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
+    import torch.distributed as dist
+
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
+                            timeout=timeout)
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_per_machine)
+    else:  # detectron2 v0.6: set the per-machine group comm.get_local_rank() reads
+        for i in range(world_size // num_per_machine):
+            group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+            if i == machine_rank:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
+           timeout=timedelta(minutes=30)):
+    """detectron2's ``launch`` with two additions: a single process runs ``main_func`` in place and
+    returns its result (any device, CPU included); several processes on a machine without CUDA are
+    spawned with the gloo backend (detectron2 v0.6 only knows NCCL)."""
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if torch.cuda.is_available():
+        from detectron2.engine.launch import launch as d2_launch
+
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines,
+                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    import torch.multiprocessing as mp
+
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url='auto' only works on one machine; pass --dist-url tcp://HOST:PORT")
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            dist_url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine,
+             args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+             daemon=False)
