@@ -1,0 +1,281 @@
+"""Multi-scale deformable attention as a ``torch.library`` custom op, plus the public dispatcher.
+
+Public API
+----------
+``ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+impl="auto") -> Tensor [B, Q, M*D]`` (shapes: see :mod:`.reference`).
+
+``impl``:
+
+* ``"pytorch"``: the pure-PyTorch ``grid_sample`` path (:func:`.reference.ms_deform_attn_pytorch`),
+  differentiated by autograd (so also twice-differentiable); any device and dtype.
+* ``"triton"``: the Triton kernels through the custom op ``smca_detr::ms_deform_attn`` (autograd via
+  ``register_autograd`` and the custom op ``smca_detr::ms_deform_attn_backward``; differentiable
+  once, no double backward). Needs triton and CUDA tensors; on CPU tensors it runs the Triton
+  *interpreter* when ``TRITON_INTERPRET=1`` is set (slow; meant for tests) and otherwise raises
+  ``RuntimeError`` with an explanation.
+* ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, else ``"pytorch"`` (CPU always
+  gets ``"pytorch"``, also with ``TRITON_INTERPRET=1``). The first ``"auto"`` resolution logs one
+  INFO line (logger ``smca_detr.layers.msda.op``) naming the choice, once per process.
+
+Custom ops
+----------
+``smca_detr::ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+attention_weights, use_triton) -> Tensor`` and ``smca_detr::ms_deform_attn_backward(grad_output,
+..., use_triton) -> (grad_value, grad_sampling_locations, grad_attention_weights)``. Both have fake
+(meta) implementations, so shape propagation, ``torch.compile`` and ``torch.export`` see an
+opaque op of the right shape (``torch.compile(..., fullgraph=True)`` of ``MSDeformAttn`` with
+``impl="triton"`` is tested; the impl is resolved once at trace time). ``use_triton=False`` runs the
+PyTorch reference inside the op (and the analytic reference backward), so the op works on every
+device.
+
+FLOP counting (fvcore)
+----------------------
+fvcore's ``FlopCountAnalysis`` jit-traces the model. The ``"pytorch"`` path would appear in the
+trace as ``aten::grid_sampler`` nodes (which fvcore does not count), so **while ``torch.jit`` is
+tracing, every impl routes through the custom op** (``"pytorch"``/``"auto"``-on-CPU with
+``use_triton=False``: same numbers), and the trace holds one ``smca_detr::ms_deform_attn`` node per
+call. Tell fvcore about it::
+
+    flops = FlopCountAnalysis(model, inputs)
+    flops.set_op_handle("smca_detr::ms_deform_attn", msda_flop_jit)   # or add_msda_flop_handle(flops)
+    flops.by_operator()["ms_deform_attn"]
+
+:func:`msda_flop_jit` counts ``5 * B * Q * M * L * P * D`` (fvcore counts one multiply-add as one
+flop): per sampled point and channel, 4 multiply-adds for the bilinear corners and 1 for the
+attention weight. Per-point index / interpolation-weight arithmetic (independent of ``D``) is not
+counted.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, List, Tuple
+
+import torch
+from torch import Tensor
+
+from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
+
+__all__ = [
+    "ms_deform_attn",
+    "resolve_impl",
+    "triton_available",
+    "msda_flop_jit",
+    "add_msda_flop_handle",
+    "MSDA_OP_NAME",
+    "IMPLS",
+]
+
+logger = logging.getLogger(__name__)
+
+MSDA_OP_NAME = "smca_detr::ms_deform_attn"
+IMPLS = ("auto", "triton", "pytorch")
+_AUTO_LOGGED = False
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton and the MSDA Triton kernels import (checked once, lazily)."""
+    try:
+        from . import triton_kernels  # noqa: F401  (imports triton)
+    except Exception as exc:  # ImportError, or a broken triton install
+        logger.debug("Triton MSDA kernels unavailable: %r", exc)
+        return False
+    return True
+
+
+def _interpreter_enabled() -> bool:
+    from .triton_kernels import interpreter_enabled
+
+    return interpreter_enabled()
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` ("auto" | "triton" | "pytorch") to the implementation used for tensors on
+    ``device``: "triton" or "pytorch". Raises ``ValueError`` for an unknown ``impl`` and
+    ``RuntimeError`` when "triton" is requested but cannot run."""
+    global _AUTO_LOGGED
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "pytorch":
+        return "pytorch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' requested but triton is not importable; use impl='pytorch'")
+        if device.type != "cuda" and not _interpreter_enabled():
+            raise RuntimeError(
+                f"impl='triton' needs CUDA tensors (got device '{device}'); set TRITON_INTERPRET=1 "
+                "to run the Triton kernels in the interpreter on CPU (slow, for tests), or use "
+                "impl='pytorch'"
+            )
+        return "triton"
+    chosen = "triton" if device.type == "cuda" and triton_available() else "pytorch"
+    if not _AUTO_LOGGED:
+        _AUTO_LOGGED = True
+        logger.info(
+            "Multi-scale deformable attention: impl='auto' chose the %s implementation (device %s)",
+            "Triton" if chosen == "triton" else "PyTorch grid_sample",
+            device,
+        )
+    return chosen
+
+
+@torch.compiler.assume_constant_result
+def _resolve_impl_constant(impl: str, device_type: str) -> str:
+    # torch.compile evaluates this once while tracing and bakes the choice into the graph (the
+    # device is guarded through the input tensors); eager calls it every time (cheap).
+    return resolve_impl(impl, torch.device(device_type))
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(MSDA_OP_NAME, mutates_args=())
+def _msda_op(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    use_triton: bool,
+) -> Tensor:
+    if use_triton:
+        from .triton_kernels import ms_deform_attn_triton_forward
+
+        return ms_deform_attn_triton_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return ms_deform_attn_pytorch(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+@_msda_op.register_fake
+def _msda_op_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                  use_triton):
+    torch._check(value.dim() == 4, lambda: "value must be [B, S, M, D]")
+    torch._check(sampling_locations.dim() == 6, lambda: "sampling_locations must be [B, Q, M, L, P, 2]")
+    torch._check(attention_weights.dim() == 5, lambda: "attention_weights must be [B, Q, M, L, P]")
+    B, _, M, D = value.shape
+    Q = sampling_locations.shape[1]
+    return value.new_empty((B, Q, M * D))
+
+
+@torch.library.custom_op("smca_detr::ms_deform_attn_backward", mutates_args=())
+def _msda_backward_op(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    use_triton: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if use_triton:
+        from .triton_kernels import ms_deform_attn_triton_backward
+
+        return ms_deform_attn_triton_backward(*args)
+    return ms_deform_attn_pytorch_backward(*args)
+
+
+@_msda_backward_op.register_fake
+def _msda_backward_op_fake(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, use_triton
+):
+    return (
+        value.new_empty(value.shape),
+        sampling_locations.new_empty(sampling_locations.shape),
+        attention_weights.new_empty(attention_weights.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, use_triton = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.use_triton = use_triton
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_attn = _msda_backward_op(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, ctx.use_triton,
+    )
+    need = ctx.needs_input_grad
+    return (
+        grad_value if need[0] else None,
+        None,
+        None,
+        grad_loc if need[3] else None,
+        grad_attn if need[4] else None,
+        None,
+    )
+
+
+_msda_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    impl: str = "auto",
+) -> Tensor:
+    """Multi-scale deformable attention core.
+
+    Args:
+        value: ``[B, S, M, D]`` projected values of all levels (finest first, row-major).
+        spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)``.
+        level_start_index: ``[L]`` int64 start of each level along ``S``.
+        sampling_locations: ``[B, Q, M, L, P, 2]`` ``(x, y)`` in ``[0, 1]`` of each level's map
+            (outside allowed, zero padding).
+        attention_weights: ``[B, Q, M, L, P]``.
+        impl: "auto" | "triton" | "pytorch" (see the module docstring).
+
+    Returns:
+        ``[B, Q, M*D]`` in ``value.dtype``.
+    """
+    backend = _resolve_impl_constant(impl, value.device.type)
+    if backend == "triton" or torch.jit.is_tracing():
+        return _msda_op(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            backend == "triton",
+        )
+    return ms_deform_attn_pytorch(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# fvcore
+# --------------------------------------------------------------------------------------------
+def _sizes(v: Any) -> List[int]:
+    if isinstance(v, Tensor):
+        return list(v.shape)
+    return list(v.type().sizes())  # torch._C.Value of a jit trace
+
+
+def msda_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore op handle for ``smca_detr::ms_deform_attn``.
+
+    Counts ``5 * B * Q * M * L * P * D`` multiply-adds (fvcore's "flop"): for every sampled point
+    and channel, 4 for the bilinear corner interpolation and 1 for the attention weight.
+    ``inputs`` are the op's jit values (value, spatial_shapes, level_start_index,
+    sampling_locations, attention_weights, use_triton); tensors are accepted too.
+    """
+    B, _, M, D = _sizes(inputs[0])
+    _, Q, _, L, P, _ = _sizes(inputs[3])
+    return 5 * B * Q * M * L * P * D
+
+
+def add_msda_flop_handle(flop_counter):
+    """``flop_counter.set_op_handle("smca_detr::ms_deform_attn", msda_flop_jit)``; returns it."""
+    return flop_counter.set_op_handle(MSDA_OP_NAME, msda_flop_jit)

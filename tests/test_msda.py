@@ -1,0 +1,499 @@
+"""Multi-scale deformable attention: PyTorch reference, Triton kernels, custom op, module.
+
+The Triton kernels run on CPU through the Triton interpreter: the ``interpret`` fixture sets
+``TRITON_INTERPRET=1`` (monkeypatch, so it does not leak into other tests). The kernels are wrapped
+with ``triton.jit`` lazily per mode at launch time, so setting the variable before the launch is
+enough; ``test_triton_kernels_really_run_in_interpreter`` checks that the interpreter (not the
+PyTorch path) produced the results. Float64 is supported by the interpreter and tested; fp16 and
+bf16 too (loose tolerances). The CUDA test at the end runs only where a GPU is present.
+"""
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smca_detr.layers import MSDeformAttn, add_msda_flop_handle, ms_deform_attn, msda_flop_jit
+from smca_detr.layers.msda import op as msda_op
+from smca_detr.layers.msda import (
+    ms_deform_attn_pytorch,
+    ms_deform_attn_pytorch_backward,
+    resolve_impl,
+    triton_available,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TRITON = triton_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_inputs(B, shapes, M, D, Q, P, dtype=torch.float32, seed=0, outside=0.3, pad=False,
+                device="cpu"):
+    """Random MSDA inputs; sampling locations in [-outside, 1 + outside] (some outside the map)."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(shapes)
+    value = torch.randn(B, S, M, D, generator=g, dtype=torch.float64)
+    if pad:  # padded positions hold zeros (as after MSDeformAttn's masked_fill)
+        value[torch.rand(B, S, generator=g) < 0.3] = 0
+    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=torch.float64) * (1 + 2 * outside) - outside
+    attn = torch.rand(B, Q, M, L, P, generator=g, dtype=torch.float64)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return (cast(value), spatial_shapes.to(device), level_start.to(device), cast(loc), cast(attn))
+
+
+def naive_msda(value, spatial_shapes, level_start_index, loc, attn):
+    """Direct loop implementation of the official semantics (independent of grid_sample)."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    out = torch.zeros(B, Q, M, D, dtype=value.dtype)
+    for b in range(B):
+        for q in range(Q):
+            for m in range(M):
+                for lvl in range(L):
+                    H, W = (int(v) for v in spatial_shapes[lvl])
+                    start = int(level_start_index[lvl])
+                    for p in range(P):
+                        x = float(loc[b, q, m, lvl, p, 0]) * W - 0.5
+                        y = float(loc[b, q, m, lvl, p, 1]) * H - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                            for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                                if 0 <= xx < W and 0 <= yy < H:
+                                    out[b, q, m] += (attn[b, q, m, lvl, p] * wy * wx
+                                                     * value[b, start + yy * W + xx, m])
+    return out.reshape(B, Q, M * D)
+
+
+def fwd_bwd(impl, inputs, grad_out=None):
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads, grad_out
+
+
+def launches():
+    if not HAS_TRITON:
+        return {}
+    from smca_detr.layers.msda.triton_kernels import LAUNCH_COUNTS
+
+    return dict(LAUNCH_COUNTS)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if not HAS_TRITON:
+        pytest.skip("triton is not importable")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+# Small cases (the interpreter is slow): (B, level shapes, M, D, Q, P, padded values)
+CASES = {
+    "1lvl-D3": (1, [(5, 7)], 1, 3, 4, 1, False),
+    "3lvl-D5": (2, [(6, 8), (3, 4), (2, 2)], 2, 5, 7, 2, False),
+    "2lvl-D12-pad": (3, [(4, 5), (2, 3)], 3, 12, 5, 3, True),
+    "4lvl-D32": (2, [(7, 9), (4, 5), (2, 3), (1, 2)], 2, 32, 6, 4, False),
+    "Q1-M8-D8": (1, [(3, 3), (2, 2)], 8, 8, 1, 2, True),
+}
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10)}
+
+
+# ----------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("case", ["1lvl-D3", "3lvl-D5", "2lvl-D12-pad"])
+def test_reference_matches_naive_loop(case):
+    B, shapes, M, D, Q, P, pad = CASES[case]
+    inputs = make_inputs(B, shapes, M, D, Q, min(P, 2), dtype=torch.float64, pad=pad)
+    torch.testing.assert_close(ms_deform_attn_pytorch(*inputs), naive_msda(*inputs),
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_reference_gradcheck_float64():
+    value, shapes, starts, loc, attn = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 3, 2, dtype=torch.float64)
+    fn = lambda v, l, a: ms_deform_attn_pytorch(v, shapes, starts, l, a)  # noqa: E731
+    args = tuple(t.clone().requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["3lvl-D5", "2lvl-D12-pad"])
+def test_reference_analytic_backward_matches_autograd(case):
+    B, shapes, M, D, Q, P, pad = CASES[case]
+    value, shapes_t, starts, loc, attn = make_inputs(B, shapes, M, D, Q, P, dtype=torch.float64, pad=pad)
+    _, grads, g = fwd_bwd("pytorch", (value, shapes_t, starts, loc, attn))
+    analytic = ms_deform_attn_pytorch_backward(g, value, shapes_t, starts, loc, attn)
+    for name, a, e in zip(("value", "loc", "attn"), analytic, grads):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_mixed_dtypes_promote():
+    value, shapes, starts, loc, attn = make_inputs(1, [(4, 4)], 2, 4, 3, 2, dtype=torch.float64)
+    out = ms_deform_attn_pytorch(value.float(), shapes, starts, loc, attn.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value.float().double(), shapes, starts, loc,
+                                                           attn.float().double()).float())
+
+
+# ----------------------------------------------------------------------------- triton (interpreter)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(interpret, case, dtype):
+    B, shapes, M, D, Q, P, pad = CASES[case]
+    inputs = make_inputs(B, shapes, M, D, Q, P, dtype=dtype, pad=pad, seed=list(CASES).index(case))
+    before = launches()
+    out_t, grads_t, g = fwd_bwd("triton", inputs)
+    after = launches()
+    assert after.get(("fwd", "interpret"), 0) == before.get(("fwd", "interpret"), 0) + 1
+    assert after.get(("bwd", "interpret"), 0) == before.get(("bwd", "interpret"), 0) + 1
+    out_r, grads_r, _ = fwd_bwd("pytorch", inputs, g)
+    assert out_t.dtype == dtype and out_t.shape == (B, Q, M * D)
+    torch.testing.assert_close(out_t, out_r, **TOL[dtype])
+    for name, a, e in zip(("value", "sampling_locations", "attention_weights"), grads_t, grads_r):
+        assert a.dtype == dtype
+        # location grads scale with the map size: compare relative to their magnitude
+        atol = TOL[dtype]["atol"] * max(1.0, float(e.abs().max()))
+        torch.testing.assert_close(a, e, atol=atol, rtol=TOL[dtype]["rtol"],
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def test_triton_kernels_really_run_in_interpreter(interpret, monkeypatch):
+    import triton.runtime.interpreter as tri_interp
+
+    from smca_detr.layers.msda import reference, triton_kernels
+
+    def boom(*a, **k):
+        raise AssertionError("PyTorch reference used on the Triton path")
+
+    # the custom op imports the reference functions into op.py: make both unusable
+    monkeypatch.setattr(msda_op, "ms_deform_attn_pytorch", boom)
+    monkeypatch.setattr(msda_op, "ms_deform_attn_pytorch_backward", boom)
+    monkeypatch.setattr(reference, "ms_deform_attn_pytorch", boom)
+    value, shapes, starts, loc, attn = make_inputs(1, [(3, 4)], 2, 5, 3, 2)
+    loc.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, attn, impl="triton")
+    out.sum().backward()
+    assert isinstance(triton_kernels._JITTED[("fwd", True)], tri_interp.InterpretedFunction)
+    assert isinstance(triton_kernels._JITTED[("bwd", True)], tri_interp.InterpretedFunction)
+    assert out.abs().sum() > 0 and loc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_precision(interpret, dtype):
+    inputs = make_inputs(2, [(6, 8), (3, 4)], 2, 12, 5, 2, dtype=dtype)
+    out_t, grads_t, g = fwd_bwd("triton", inputs)
+    # oracle: the same (rounded) inputs in float64
+    inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
+    out_r, grads_r, _ = fwd_bwd("pytorch", inputs64, g.double())
+    rel = 1e-2 if dtype == torch.float16 else 4e-2
+    for name, a, e in [("out", out_t, out_r)] + list(zip(("value", "loc", "attn"), grads_t, grads_r)):
+        assert a.dtype == dtype, name
+        err = float((a.double() - e).abs().max())
+        assert err <= rel * float(e.abs().max()) + 1e-3, f"{name}: max error {err}"
+
+
+def test_triton_edge_locations(interpret):
+    """Pixel centres, map borders, far-away and huge locations; non-contiguous inputs."""
+    value, shapes, starts, loc, attn = make_inputs(1, [(4, 5), (2, 3)], 2, 3, 8, 2, dtype=torch.float64)
+    W = shapes[:, 1].double().view(1, 1, 1, 2, 1)
+    H = shapes[:, 0].double().view(1, 1, 1, 2, 1)
+    loc[:, 0, ..., 0] = (torch.arange(2).view(1, 1, 1, 2) + 0.5) / W[..., 0]  # exact pixel centres
+    loc[:, 0, ..., 1] = 1.5 / H[..., 0]
+    loc[:, 1] = 0.0
+    loc[:, 2] = 1.0
+    loc[:, 3, :, :, :, 0] = -0.5 / W  # x = -1 exactly
+    loc[:, 4] = 1e8
+    loc[:, 5] = -1e8
+    loc[:, 6, :, :, :, 1] = 1 + 0.5 / H  # y = H exactly
+    out_t, grads_t, g = fwd_bwd("triton", (value, shapes, starts, loc.transpose(0, 1).contiguous()
+                                           .transpose(0, 1), attn))
+    out_r, grads_r, _ = fwd_bwd("pytorch", (value, shapes, starts, loc, attn), g)
+    assert torch.all(out_t[:, 4:6] == 0)
+    torch.testing.assert_close(out_t, out_r, atol=1e-12, rtol=1e-10)
+    gv, gl, ga = grads_t
+    torch.testing.assert_close(gv, grads_r[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ga, grads_r[2], atol=1e-10, rtol=1e-10)
+    assert torch.all(gl[:, 4:6] == 0) and torch.all(ga[:, 4:6] == 0)
+    # d/d loc is one-sided at integer pixel positions (queries 0, 3, 6), where grid_sample's own
+    # coordinate rounding may pick the other side: compare the smooth queries only
+    smooth = [1, 2, 4, 5, 7]
+    torch.testing.assert_close(gl[:, smooth], grads_r[1][:, smooth], atol=1e-10, rtol=1e-10)
+    assert torch.isfinite(gl).all()
+
+
+# ----------------------------------------------------------------------------- impl selection
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if HAS_TRITON:
+        import triton
+
+        if triton.knobs.runtime.interpret:
+            pytest.skip("triton interpreter enabled in code")
+    value, shapes, starts, loc, attn = make_inputs(1, [(3, 3)], 1, 4, 2, 1)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET" if HAS_TRITON else "triton"):
+        ms_deform_attn(value, shapes, starts, loc, attn, impl="triton")
+
+
+def test_unknown_impl_raises():
+    value, shapes, starts, loc, attn = make_inputs(1, [(3, 3)], 1, 4, 2, 1)
+    with pytest.raises(ValueError, match="impl"):
+        ms_deform_attn(value, shapes, starts, loc, attn, impl="cuda")
+    with pytest.raises(ValueError, match="impl"):
+        MSDeformAttn(8, 1, 2, 1, impl="fast")
+
+
+def test_auto_on_cpu_uses_pytorch_and_logs_once(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even with the interpreter available
+    monkeypatch.setattr(msda_op, "_AUTO_LOGGED", False)
+    assert resolve_impl("auto", torch.device("cpu")) == "pytorch"
+    monkeypatch.setattr(msda_op, "_AUTO_LOGGED", False)
+    inputs = make_inputs(1, [(3, 3)], 1, 4, 2, 1)
+    before = launches()
+    with caplog.at_level(logging.INFO, logger="smca_detr.layers.msda.op"):
+        out1 = ms_deform_attn(*inputs, impl="auto")
+        out2 = ms_deform_attn(*inputs, impl="auto")
+    assert launches() == before
+    torch.testing.assert_close(out1, ms_deform_attn_pytorch(*inputs))
+    assert torch.equal(out1, out2)
+    records = [r for r in caplog.records if r.name == "smca_detr.layers.msda.op"]
+    assert len(records) == 1 and "PyTorch" in records[0].getMessage()
+
+
+def test_importing_does_not_load_triton_kernels():
+    # only smca_detr.layers is imported (the parent package is stubbed to keep this fast): importing
+    # it, building MSDeformAttn and running "auto" on CPU must not load the Triton kernels module
+    code = (
+        "import sys, types, torch\n"
+        "pkg = types.ModuleType('smca_detr'); pkg.__path__ = [%r]; sys.modules['smca_detr'] = pkg\n"
+        "import smca_detr.layers as L\n"
+        "v = torch.zeros(1, 4, 1, 2); s = torch.tensor([[2, 2]]); st = torch.tensor([0])\n"
+        "L.ms_deform_attn(v, s, st, torch.rand(1, 3, 1, 1, 1, 2), torch.rand(1, 3, 1, 1, 1))\n"
+        "L.MSDeformAttn(8, 1, 2, 1)\n"
+        "assert 'smca_detr.layers.msda.triton_kernels' not in sys.modules\n"
+        "assert L.__file__.startswith(%r)\n"
+    ) % (str(REPO / "smca_detr"), str(REPO / "smca_detr"))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- custom op
+def _op_args(use_triton, requires_grad=True):
+    value, shapes, starts, loc, attn = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 4, 2)
+    if requires_grad:
+        value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    return (value, shapes, starts, loc, attn, use_triton)
+
+
+def test_opcheck_pytorch_backend():
+    torch.library.opcheck(torch.ops.smca_detr.ms_deform_attn.default, _op_args(False))
+    g = torch.randn(2, 4, 6)
+    value, shapes, starts, loc, attn, _ = _op_args(False, requires_grad=False)
+    torch.library.opcheck(torch.ops.smca_detr.ms_deform_attn_backward.default,
+                          (g, value, shapes, starts, loc, attn, False))
+
+
+def test_opcheck_triton_backend(interpret):
+    torch.library.opcheck(torch.ops.smca_detr.ms_deform_attn.default, _op_args(True))
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        value = torch.empty(3, 50, 8, 5, dtype=torch.float16)
+        shapes = torch.empty(2, 2, dtype=torch.int64)
+        starts = torch.empty(2, dtype=torch.int64)
+        loc = torch.empty(3, 11, 8, 2, 4, 2)
+        attn = torch.empty(3, 11, 8, 2, 4)
+        out = torch.ops.smca_detr.ms_deform_attn(value, shapes, starts, loc, attn, True)
+        gv, gl, ga = torch.ops.smca_detr.ms_deform_attn_backward(
+            torch.empty(3, 11, 40, dtype=torch.float16), value, shapes, starts, loc, attn, True)
+    assert out.shape == (3, 11, 40) and out.dtype == torch.float16
+    assert (gv.shape, gv.dtype) == (value.shape, value.dtype)
+    assert (gl.shape, gl.dtype) == (loc.shape, loc.dtype)
+    assert (ga.shape, ga.dtype) == (attn.shape, attn.dtype)
+
+
+def test_torch_compile_fullgraph_module_triton(interpret):
+    """MSDeformAttn with the Triton path compiles as one graph (fake impls, register_autograd,
+    impl resolution as a traced constant) and matches eager, gradients included."""
+    torch.manual_seed(0)
+    m = MSDeformAttn(16, 2, 2, 2, impl="triton")
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    starts = torch.tensor([0, 16])
+    args = (torch.randn(2, 3, 16), torch.rand(2, 3, 2, 2), torch.randn(2, 20, 16), shapes, starts)
+    ref = m(*args)
+    ref.square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    out = torch.compile(m, backend="aot_eager", fullgraph=True)(*args)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], msg=lambda msg: f"{n}: {msg}")
+
+
+# ----------------------------------------------------------------------------- fvcore
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_fvcore_flop_count_of_module():
+    from fvcore.nn import FlopCountAnalysis
+
+    B, Q, d, L, M, P = 2, 3, 8, 2, 2, 2
+    D = d // M
+    m = MSDeformAttn(d, L, M, P).eval()
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    starts = torch.tensor([0, 16])
+    inputs = (torch.randn(B, Q, d), torch.rand(B, Q, L, 2), torch.randn(B, 20, d), shapes, starts)
+    flops = FlopCountAnalysis(m, inputs).unsupported_ops_warnings(False)
+    add_msda_flop_handle(flops)
+    by_op = flops.by_operator()
+    assert by_op["ms_deform_attn"] == 5 * B * Q * M * L * P * D > 0
+    assert msda_flop_jit([torch.empty(B, 20, M, D), None, None, torch.empty(B, Q, M, L, P, 2)], []) \
+        == by_op["ms_deform_attn"]
+    # tracing goes through the custom op but computes the same numbers
+    traced = torch.jit.trace(m, inputs, check_trace=False)
+    assert "smca_detr::ms_deform_attn" in str(traced.graph)
+    torch.testing.assert_close(traced(*inputs), m(*inputs))
+
+
+# ----------------------------------------------------------------------------- module
+def module_inputs(d=16, L=2, B=2, Q=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[5, 6], [3, 3], [2, 1]][:L])
+    areas = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S = int(areas.sum())
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    mask[1, -7:] = True
+    return dict(
+        query=torch.randn(B, Q, d, generator=g),
+        ref2=torch.rand(B, Q, L, 2, generator=g),
+        ref4=torch.cat([torch.rand(B, Q, L, 2, generator=g), torch.rand(B, Q, L, 2, generator=g) * 0.5], -1),
+        flat=torch.randn(B, S, d, generator=g),
+        shapes=shapes, starts=starts, mask=mask,
+    )
+
+
+def perturbed_module(d=16, L=2, M=4, P=3, impl="pytorch", seed=0):
+    torch.manual_seed(seed)
+    m = MSDeformAttn(d_model=d, n_levels=L, n_heads=M, n_points=P, impl=impl)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def test_module_rejects_bad_heads_and_refs():
+    with pytest.raises(ValueError, match="divisible"):
+        MSDeformAttn(d_model=30, n_levels=1, n_heads=8, n_points=1)
+    x = module_inputs()
+    m = perturbed_module()
+    with pytest.raises(ValueError, match="reference_points"):
+        m(x["query"], torch.rand(2, 5, 2, 3), x["flat"], x["shapes"], x["starts"])
+
+
+def test_module_official_init_structure():
+    M, L, P, d = 8, 3, 2, 64
+    m = MSDeformAttn(d, L, M, P)
+    assert torch.all(m.sampling_offsets.weight == 0)
+    assert torch.all(m.attention_weights.weight == 0) and torch.all(m.attention_weights.bias == 0)
+    assert torch.all(m.value_proj.bias == 0) and torch.all(m.output_proj.bias == 0)
+    bound = math.sqrt(6 / (2 * d))
+    for w in (m.value_proj.weight, m.output_proj.weight):
+        assert w.abs().max() <= bound and w.std() > bound / 3
+    grid = m.sampling_offsets.bias.view(M, L, P, 2)
+    for h in range(M):
+        th = 2 * math.pi * h / M
+        direction = torch.tensor([math.cos(th), math.sin(th)])
+        direction = direction / direction.abs().max()
+        for i in range(P):
+            torch.testing.assert_close(grid[h, :, i], ((i + 1) * direction).expand(L, 2).float(),
+                                       atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ref", ["ref2", "ref4"])
+def test_module_sampling_locations_and_weights(ref):
+    x = module_inputs()
+    m = perturbed_module()
+    M, L, P = 4, 2, 3
+    m.store_sampling = True
+    out = m(x["query"], x[ref], x["flat"], x["shapes"], x["starts"], x["mask"])
+    assert out.shape == x["query"].shape
+    loc, w = m.last_sampling["sampling_locations"], m.last_sampling["attention_weights"]
+    B, Q = x["query"].shape[:2]
+    off = m.sampling_offsets(x["query"]).view(B, Q, M, L, P, 2)
+    r = x[ref][:, :, None, :, None]
+    if ref == "ref2":
+        wh = torch.stack([x["shapes"][:, 1], x["shapes"][:, 0]], -1).float().view(1, 1, 1, L, 1, 2)
+        expected = r + off / wh
+    else:
+        expected = r[..., :2] + off * r[..., 2:] / (2 * P)
+    torch.testing.assert_close(loc, expected.detach(), atol=1e-6, rtol=1e-5)
+    logits = m.attention_weights(x["query"]).view(B, Q, M, L * P)
+    torch.testing.assert_close(w, logits.softmax(-1).view(B, Q, M, L, P).detach())
+    torch.testing.assert_close(w.sum((-1, -2)), torch.ones(B, Q, M))
+    # the module output is output_proj(core(value_proj(masked input)))
+    value = m.value_proj(x["flat"]).masked_fill(x["mask"][..., None], 0).view(B, -1, M, 16 // M)
+    core = ms_deform_attn_pytorch(value, x["shapes"], x["starts"], loc, w)
+    torch.testing.assert_close(out, m.output_proj(core))
+
+
+def test_module_padding_mask_zeroes_padded_values():
+    x = module_inputs()
+    m = perturbed_module()
+    args = (x["query"], x["ref2"])
+    out = m(*args, x["flat"], x["shapes"], x["starts"], x["mask"])
+    changed = x["flat"].clone()
+    changed[x["mask"]] += 100.0
+    torch.testing.assert_close(m(*args, changed, x["shapes"], x["starts"], x["mask"]), out)
+    # without the mask the padded values do matter
+    assert not torch.allclose(m(*args, changed, x["shapes"], x["starts"], None),
+                              m(*args, x["flat"], x["shapes"], x["starts"], None))
+    assert m.last_sampling is None  # store_sampling is off by default
+
+
+@pytest.mark.parametrize("ref", ["ref2", "ref4"])
+def test_module_triton_matches_pytorch(interpret, ref):
+    x = module_inputs(B=2, Q=3)
+    mods = {impl: perturbed_module(impl=impl) for impl in ("pytorch", "triton")}
+    outs, grads = {}, {}
+    for impl, m in mods.items():
+        out = m(x["query"], x[ref], x["flat"], x["shapes"], x["starts"], x["mask"])
+        out.square().sum().backward()
+        outs[impl] = out.detach()
+        grads[impl] = {n: p.grad for n, p in m.named_parameters()}
+    torch.testing.assert_close(outs["triton"], outs["pytorch"], atol=1e-5, rtol=1e-4)
+    for n in grads["pytorch"]:
+        torch.testing.assert_close(grads["triton"][n], grads["pytorch"][n], atol=1e-4, rtol=1e-4,
+                                   msg=lambda msg: f"{n}: {msg}")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_triton_cuda_matches_reference(dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shapes = [(32, 40), (16, 20), (8, 10), (4, 5)]
+    for B, Q, D in ((2, 300, 32), (1, 517, 12)):
+        inputs = make_inputs(B, shapes, 8, D, Q, 4, dtype=dtype, device="cuda", seed=B)
+        assert resolve_impl("auto", inputs[0].device) == "triton"
+        out_t, grads_t, g = fwd_bwd("triton", inputs)
+        inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
+        out_r, grads_r, _ = fwd_bwd("pytorch", inputs64, g.double())
+        rel = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+        for name, a, e in [("out", out_t, out_r)] + list(zip(("value", "loc", "attn"), grads_t, grads_r)):
+            assert a.dtype == dtype and a.device.type == "cuda", name
+            err = float((a.double() - e).abs().max())
+            assert err <= rel * float(e.abs().max()) + rel, f"{dtype} {name}: max error {err}"
