@@ -122,6 +122,8 @@ class SetCriterion(nn.Module):
         indices_out[key] = indices
         for name, value in {**self._class_losses(logits, targets, indices, num_boxes),
                             **self._box_losses(boxes, targets, indices, num_boxes)}.items():
+            if name == "class_error" and suffix:
+                continue  # official convention: class_error is logged for the final layer only
             losses[name + suffix] = value
 
     # ------------------------------------------------------------------ public API
