@@ -101,9 +101,13 @@ def add_smca_detr_config(cfg):
     _C.SMCA.SMOOTH = 8.0
     # Layers of the MLP that predicts the normalised centre from the query (official point1): 3.
     _C.SMCA.CENTER_MLP_LAYERS = 3
-    # Multi-scale (paper): encoder layout, one entry per layer, "intra" | "multi". Paper: 2Intra-Multi-2Intra.
+    # Multi-scale (paper): encoder layout, one entry per encoder layer (length must equal ENC_LAYERS),
+    # "intra" (self-attention within each scale, weights shared across scales) | "multi" (self-attention
+    # over all scales together). Paper: 2Intra-Multi-2Intra. A comma-separated string also works.
     _C.SMCA.ENCODER_LAYOUT = ["intra", "intra", "multi", "intra", "intra"]
-    # Multi-scale (paper): scale-selection attention α = softmax(FC(O_q)) (False = "w/o SSA" row).
+    # Multi-scale (paper): scale-selection attention α = softmax(FC(O_q)) weighting each scale's
+    # co-attention output per query. False = the "w/o SSA" ablation row: one softmax over all scales
+    # together, no scale-selection FC (point4).
     _C.SMCA.SCALE_SELECTION = True
 
     # ---------------------------------------------------------------- Conditional DETR

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import MLP, FFNMixin, clones, inverse_sigmoid, make_attn_mask
+from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
@@ -60,7 +60,13 @@ class HeadAttention(nn.Module):
         scale = 1.0 / math.sqrt(q.shape[-1])
         p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
+            ev = v.shape[-1]
+            if ev < q.shape[-1] and q.device.type == "cpu" and p == 0.0:
+                # PyTorch's fused CPU kernel needs equal q/k/v widths and no dropout (otherwise SDPA
+                # falls back to its slower unfused path): zero-pad v; the padded output columns are 0.
+                v = F.pad(v, (0, q.shape[-1] - ev))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale)
+            out = out[..., :ev]
         elif self.impl == "naive":
             logits = (q * scale) @ k.transpose(-1, -2)
             if attn_mask is not None:
@@ -72,12 +78,25 @@ class HeadAttention(nn.Module):
 
 
 def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
-    """``[B,L,E]`` -> ``[B,L,M,E/M]`` (a view)."""
-    return x.unflatten(-1, (nhead, -1))
+    """``[B,L,E]`` -> ``[B,M,L,E/M]`` (a view)."""
+    return x.unflatten(-1, (nhead, -1)).transpose(1, 2)
+
+
+def _fused_linear(x: torch.Tensor, linears) -> torch.Tensor:
+    """``cat([lin(x) for lin in linears], -1)`` with one matrix product (same parameters)."""
+    if len(linears) == 1:
+        return linears[0](x)
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears])
+    return F.linear(x, weight, bias)
 
 
 class ConditionalDecoderLayer(FFNMixin, nn.Module):
-    """One Conditional DETR decoder layer (post-norm). ``is_first``: has ``ca_qpos_proj``."""
+    """One Conditional DETR decoder layer (post-norm). ``is_first``: has ``ca_qpos_proj``.
+
+    The projections of inputs that several layers share (object queries, memory, memory positions)
+    are computed for all layers at once by ``ConditionalDecoder``; ``forward`` receives them.
+    """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  is_first=False):
@@ -102,30 +121,37 @@ class ConditionalDecoderLayer(FFNMixin, nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
 
-    def forward(self, tgt, memory, pos, query_pos, query_sine_embed, attn_mask=None):
-        """tgt ``[B,Q,d]``; memory / pos ``[B,S,d]``; query_pos ``[1|B,Q,d]``; query_sine_embed
-        ``[1|B,Q,d]`` (already multiplied by T(f)); attn_mask additive ``[B,1,1,S]`` or None."""
-        m = self.nhead
+    def query_pos_linears(self):
+        """Projections of the object queries (batch independent)."""
+        out = [self.sa_qpos_proj, self.sa_kpos_proj]
+        return out + ([self.ca_qpos_proj] if self.ca_qpos_proj is not None else [])
+
+    def forward(self, tgt, query_pos_proj, k_content, v, k_pos, query_sine_embed, attn_mask=None):
+        """
+        Args:
+            tgt: ``[B,Q,d]`` decoder state.
+            query_pos_proj: ``[1|B,Q,2d|3d]``: ``query_pos_linears()`` applied to the object queries.
+            k_content, v, k_pos: ``[B,S,d]``: ``ca_kcontent_proj(memory)``, ``ca_v_proj(memory)``,
+                ``ca_kpos_proj(pos)``.
+            query_sine_embed: ``[1|B,Q,d]`` spatial embedding PE(s) ⊙ T(f).
+            attn_mask: additive ``[B,1,1,S]`` memory padding mask or None.
+        """
+        m, d = self.nhead, tgt.shape[-1]
         # ---- self-attention over the queries
-        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
-        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        v = self.sa_v_proj(tgt)
-        out = self.self_attn(_heads(q, m).transpose(1, 2), _heads(k, m).transpose(1, 2),
-                             _heads(v, m).transpose(1, 2))
+        q_pos, k_pos_sa = query_pos_proj[..., :d], query_pos_proj[..., d:2 * d]
+        q, k, v_sa = _fused_linear(tgt, [self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_v_proj]).chunk(3, -1)
+        out = self.self_attn(_heads(q + q_pos, m), _heads(k + k_pos_sa, m), _heads(v_sa, m))
         tgt = self.norm1(tgt + self.dropout1(out))
 
         # ---- conditional cross-attention: per head [content ; spatial] for queries and keys
         q_content = self.ca_qcontent_proj(tgt)
-        k_content = self.ca_kcontent_proj(memory)
-        k_pos = self.ca_kpos_proj(pos)
-        v = self.ca_v_proj(memory)
         if self.ca_qpos_proj is not None:  # layer 0: DETR-style positional content
-            q_content = q_content + self.ca_qpos_proj(query_pos)
+            q_content = q_content + query_pos_proj[..., 2 * d:]
             k_content = k_content + k_pos
         q_spatial = self.ca_qpos_sine_proj(query_sine_embed).expand_as(q_content)
-        q = torch.cat((_heads(q_content, m), _heads(q_spatial, m)), dim=-1).transpose(1, 2)
-        k = torch.cat((_heads(k_content, m), _heads(k_pos, m)), dim=-1).transpose(1, 2)
-        out = self.cross_attn(q, k, _heads(v, m).transpose(1, 2), attn_mask)
+        q = torch.cat((_heads(q_content, m), _heads(q_spatial, m)), dim=-1)
+        k = torch.cat((_heads(k_content, m), _heads(k_pos, m)), dim=-1)
+        out = self.cross_attn(q, k, _heads(v, m), attn_mask)
         tgt = self.norm2(tgt + self.dropout2(out))
 
         # ---- FFN
@@ -148,21 +174,35 @@ class ConditionalDecoder(nn.Module):
         self.query_scale = MLP(d_model, d_model, d_model, 2)   # T: λ_q = T(f)
         self.ref_point_head = MLP(d_model, d_model, 2, 2)      # s = sigmoid(MLP(o_q))
 
-    def forward(self, tgt, memory, pos, query_pos, attn_mask=None):
-        """query_pos ``[1|B,Q,d]`` -> (hs ``[L,B,Q,d]`` normed, reference points ``[1|B,Q,2]``
-        (x, y) in [0, 1], per-layer spatial embeddings ``[L,·,Q,d]``, raw outputs ``[L,B,Q,d]``)."""
+    def forward(self, tgt, memory, pos, query_pos, attn_mask=None, record: bool = False):
+        """tgt ``[B,Q,d]``, memory / pos ``[B,S,d]``, query_pos ``[1|B,Q,d]`` -> hs ``[L,B,Q,d]``
+        (after the decoder norm), reference points ``[1|B,Q,2]`` (x, y) in [0, 1], and with
+        ``record`` a dict of per-layer spatial embeddings and raw outputs ``[L,B,Q,d]``."""
+        layers = self.layers
+        d = self.d_model
         reference = self.ref_point_head(query_pos).sigmoid()
         # sine embedding of (x, y) with d/2 frequencies per coordinate, y block first
-        pos_sine = sine_embed(reference.flip(-1), self.d_model // 2, self.temperature)
+        pos_sine = sine_embed(reference.flip(-1), d // 2, self.temperature)
+
+        # Inputs shared by the layers, projected for all layers with one matrix product each.
+        qp_linears = [layer.query_pos_linears() for layer in layers]
+        qp_all = _fused_linear(query_pos, [lin for group in qp_linears for lin in group])
+        qp = qp_all.split([d * len(g) for g in qp_linears], dim=-1)
+        kv = _fused_linear(memory, [lin for layer in layers for lin in (layer.ca_kcontent_proj, layer.ca_v_proj)])
+        kv = kv.chunk(2 * len(layers), dim=-1)
+        k_pos = _fused_linear(pos, [layer.ca_kpos_proj for layer in layers]).chunk(len(layers), dim=-1)
+
         output = tgt
         hs, sine_embeds, raw = [], [], []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             query_sine_embed = pos_sine if i == 0 else pos_sine * self.query_scale(output)
-            output = layer(output, memory, pos, query_pos, query_sine_embed, attn_mask)
+            output = layer(output, qp[i], kv[2 * i], kv[2 * i + 1], k_pos[i], query_sine_embed, attn_mask)
             hs.append(self.norm(output))
-            sine_embeds.append(query_sine_embed.expand_as(output))
-            raw.append(output)
-        return torch.stack(hs), reference, torch.stack(sine_embeds), torch.stack(raw)
+            if record:
+                sine_embeds.append(query_sine_embed.expand_as(output))
+                raw.append(output)
+        recorded = {"query_sine_embed": torch.stack(sine_embeds), "dec_out_raw": torch.stack(raw)} if record else {}
+        return torch.stack(hs), reference, recorded
 
 
 @TRANSFORMER_REGISTRY.register()
@@ -172,6 +212,8 @@ class ConditionalTransformer(nn.Module):
 
     # heads: focal prior on the class bias, last box layer zero-initialised (official init)
     zero_init_box = True
+    # also return per-layer decoder internals in ``extras`` (parity tests, visualisation)
+    record_intermediates = False
 
     def __init__(self, cfg, input_shapes):
         super().__init__()
@@ -210,11 +252,14 @@ class ConditionalTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])
-        memory = self.encoder(src, pos, mask)
-        attn_mask = make_attn_mask(mask, None, memory.dtype)
+        # Without padding (e.g. one image) the mask changes nothing: skip it (faster attention).
+        key_padding_mask = mask if bool(mask.any()) else None
+        memory = self.encoder(src, pos, key_padding_mask)
+        attn_mask = make_attn_mask(key_padding_mask, None, memory.dtype)
         query_pos = self.query_embed.weight[None].to(memory.dtype)
         tgt = memory.new_zeros(memory.shape[0], query_pos.shape[1], self.d_model)
-        hs, reference, sine_embeds, raw = self.decoder(tgt, memory, pos, query_pos, attn_mask)
+        hs, reference, recorded = self.decoder(tgt, memory, pos, query_pos, attn_mask,
+                                               record=self.record_intermediates)
         reference = reference.expand(memory.shape[0], -1, -1)
         references = inverse_sigmoid(reference)[None].expand(hs.shape[0], -1, -1, -1)
         extras = {
@@ -222,7 +267,8 @@ class ConditionalTransformer(nn.Module):
             "pos": pos,                           # [B,HW,d] sine encoding of the feature map
             "mask": mask,                         # [B,HW] True = padding
             "reference_points": reference,        # [B,Q,2] sigmoid (x, y)
-            "query_sine_embed": sine_embeds,      # [L,B,Q,d] spatial embedding fed to each layer
-            "dec_out_raw": raw,                   # [L,B,Q,d] layer outputs before the decoder norm
+            # with record_intermediates: "query_sine_embed" [L,B,Q,d] (spatial embedding fed to each
+            # layer, after the T(f) product), "dec_out_raw" [L,B,Q,d] (before the decoder norm)
+            **recorded,
         }
         return TransformerOutput(hs=hs, references=references, extras=extras)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.ms_deform_attn import MSDeformAttn
+from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask
 from ..layers import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
@@ -258,6 +259,8 @@ class DeformableTransformer(nn.Module):
                 "queries (the official code ties both to --num_queries)")
         if c.PRE_NORM:
             raise ValueError("Deformable DETR has no pre-norm variant; set MODEL.SMCA_DETR.PRE_NORM=False")
+        if dc.MSDA_IMPL not in MSDA_IMPLS:
+            raise ValueError(f"{_CFG}.MSDA_IMPL must be one of {list(MSDA_IMPLS)}, got {dc.MSDA_IMPL!r}")
         self.num_queries = c.NUM_QUERIES
         self.per_layer_heads = self.with_box_refine
         self.num_head_sets = c.DEC_LAYERS + (1 if self.two_stage else 0)

@@ -36,6 +36,7 @@ Deliberate differences from the official code (numerically identical for the off
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MLP, FFNMixin, MultiheadAttention
@@ -43,7 +44,7 @@ from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
                      check_levels)
 
-__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
+__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
            "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
 
 # Raw scale values k per Gaussian that ``point3`` predicts for each ``dynamic_scale`` type.
@@ -98,26 +99,57 @@ def smca_gaussian_bias(centers: torch.Tensor, scales: Optional[torch.Tensor], gr
             raise ValueError(f"SMCA {dynamic_scale}: scales must be [B,Q,G,{k}] = {(b, q, g, k)}, got "
                              f"{None if scales is None else tuple(scales.shape)}")
         s = scales.permute(0, 2, 1, 3).square()  # [B,G,Q,k]
+    # Separable: every term is (small x-factor [.., W]) or (small y-factor [.., H]); the factor
+    # distance_factor / -β is applied to the small factors, so the [B,G,Q,H,W] result is written once
+    # (twice for type4's cross term). D >= 0 by construction, so -|D|/β == -D/β.
+    f = -smooth / distance_factor
     if dynamic_scale == "type1":
-        dist = dx2[..., None, :] + dy2[..., :, None]
+        tx, ty = dx2 / f, dy2 / f
     elif dynamic_scale == "type2":
-        dist = (dx2[..., None, :] + dy2[..., :, None]) * s[..., 0, None, None]
+        tx, ty = dx2 * s[..., 0:1] / f, dy2 * s[..., 0:1] / f
     else:
-        dist = (dx2 * s[..., 0:1])[..., None, :] + (dy2 * s[..., 1:2])[..., :, None]
-        if dynamic_scale == "type4":
-            dist = dist + (dx2[..., None, :] * dy2[..., :, None]) * s[..., 2, None, None]
-    if distance_factor != 1.0:
-        dist = dist * distance_factor
-    # D >= 0 by construction (squares times squared scales), so -|D|/β == -D/β.
-    return (dist / -smooth).flatten(-2)
+        tx, ty = dx2 * s[..., 0:1] / f, dy2 * s[..., 1:2] / f
+    bias = tx[..., None, :] + ty[..., :, None]
+    if dynamic_scale == "type4":  # + sxy²·dx²·dy² / -β, accumulated in place (bias is fresh)
+        bias = bias.addcmul_((dx2 * s[..., 2:3] / f)[..., None, :], dy2[..., :, None])
+    return bias.flatten(-2)
 
 
-def mask_padded_keys(bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def mask_padded_keys(bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                     inplace: bool = False) -> torch.Tensor:
     """``bias [B,G,Q,S]`` with ``-inf`` at padded keys (``key_padding_mask [B,S]``, True = pad): the
-    complete additive mask of the SMCA cross-attention in one tensor (out of place)."""
+    complete additive mask of the SMCA cross-attention in one tensor. ``inplace=True`` writes into
+    ``bias`` (saves a full-size copy; only for a fresh bias nobody else reads)."""
     if key_padding_mask is None:
         return bias
-    return bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    m = key_padding_mask[:, None, None, :]
+    return bias.masked_fill_(m, float("-inf")) if inplace else bias.masked_fill(m, float("-inf"))
+
+
+def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
+                         need_weights: bool = False):
+    """Cross-attention with the additive SMCA mask ``attn_mask [B,G|1,Q,S]`` (Gaussian + -inf at
+    padded keys) through the shared ``MultiheadAttention``'s parameters.
+
+    Fused ``F.scaled_dot_product_attention`` (additive ``attn_mask``) whenever possible. Two cases
+    use the explicit path ``softmax(mask + (q/sqrt(d_h)) k^T) v`` (``baddbmm`` fuses the mask add):
+    ``need_weights`` (it returns the probabilities ``[B,M,Q,S]``), and CPU training where the mask
+    needs a gradient (PyTorch's CPU flash kernel has no mask gradient, its fallback is slower than
+    this path). Same maths either way (test_smca: fused vs explicit).
+    """
+    explicit = need_weights or (attn_mask.requires_grad and torch.is_grad_enabled()
+                                and attn_mask.device.type == "cpu")
+    if not explicit:
+        return attn(query, key, value, attn_bias=attn_mask)
+    q, k, v = attn.project(query, key, value)
+    b, m, lq, hd = q.shape
+    lk = k.shape[2]
+    mask = attn_mask.to(q.dtype).expand(b, m, lq, lk).reshape(b * m, lq, lk)
+    logits = torch.baddbmm(mask, (q * hd ** -0.5).reshape(b * m, lq, hd), k.reshape(b * m, lk, hd).transpose(1, 2))
+    weights = logits.softmax(-1)
+    out = torch.bmm(F.dropout(weights, attn.dropout, attn.training), v.reshape(b * m, lk, hd))
+    out = attn.out_proj(out.view(b, m, lq, hd).transpose(1, 2).flatten(2))
+    return out, (weights.view(b, m, lq, lk) if need_weights else None)
 
 
 class SMCADecoderLayer(FFNMixin, nn.Module):
@@ -179,26 +211,27 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
         return bias, ref_centers, ref_logit
 
     def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None, ref_centers=None, *,
-                image_wh, stride, grid_hw, record: Optional[Dict] = None):
-        """tgt/query_pos ``[B,Q,d]``, memory/pos ``[B,S,d]``. Returns (tgt, ref_centers, ref_logit)."""
+                image_wh, stride, grid_hw, record: Optional[Dict] = None, memory_pos=None):
+        """tgt/query_pos ``[B,Q,d]``, memory/pos ``[B,S,d]`` (``memory_pos = memory + pos`` if the
+        caller has it). Returns (tgt, ref_centers, ref_logit)."""
         out = self.norm4(tgt + query_pos)
         bias, ref_centers, ref_logit = self.spatial_prior(out, ref_centers, image_wh, stride, grid_hw, record)
-        attn_mask = mask_padded_keys(bias, memory_key_padding_mask)
+        # the bias is fresh unless recorded: mask it in place
+        attn_mask = mask_padded_keys(bias, memory_key_padding_mask, inplace=record is None)
         need_weights = record is not None
+        key = memory + pos if memory_pos is None else memory_pos
         if self.normalize_before:
             x = self.norm1(tgt)
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
             x = self.norm2(tgt)
-            ca, w = self.multihead_attn(x + query_pos, memory + pos, memory, attn_bias=attn_mask,
-                                        need_weights=need_weights)
+            ca, w = smca_cross_attention(self.multihead_attn, x + query_pos, key, memory, attn_mask, need_weights)
             tgt = tgt + self.dropout2(ca)
             tgt = tgt + self.dropout3(self.ffn(self.norm3(tgt)))
         else:
             qk = tgt + query_pos
             tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
-            ca, w = self.multihead_attn(tgt + query_pos, memory + pos, memory, attn_bias=attn_mask,
-                                        need_weights=need_weights)
+            ca, w = smca_cross_attention(self.multihead_attn, tgt + query_pos, key, memory, attn_mask, need_weights)
             tgt = self.norm2(tgt + self.dropout2(ca))
             tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
         if record is not None:
@@ -221,11 +254,12 @@ class SMCADecoder(nn.Module):
                 records: Optional[List[Dict]] = None):
         """Returns hs ``[L,B,Q,d]`` and layer 0's reference logit ``[B,Q,2]``."""
         hs, ref_centers, ref_logit = [], None, None
+        memory_pos = memory + pos  # the cross-attention keys' input, the same for every layer
         for i, layer in enumerate(self.layers):
             rec = records[i] if records is not None else None
             tgt, ref_centers, logit = layer(tgt, memory, pos, query_pos, memory_key_padding_mask,
                                             ref_centers, image_wh=image_wh, stride=stride, grid_hw=grid_hw,
-                                            record=rec)
+                                            record=rec, memory_pos=memory_pos)
             if logit is not None:
                 ref_logit = logit
             hs.append(self.norm(tgt))
@@ -243,7 +277,7 @@ class SMCATransformer(nn.Module):
     HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}. One feature level (IN_FEATURES), any stride.
 
     Set ``record_intermediates = True`` to get per-layer internals in ``TransformerOutput.extras``
-    (``src``, ``memory``, ``pos``, ``mask``, ``ref_logits``, ``ref_centers``, ``dec.{l}.offsets``,
+    (``hs``, ``src``, ``memory``, ``pos``, ``mask``, ``ref_logits``, ``ref_centers``, ``dec.{l}.offsets``,
     ``dec.{l}.scale_raw``, ``dec.{l}.gaussian`` [B,G,Q,HW], ``dec.{l}.centers``, ``dec.{l}.out``,
     ``dec.{l}.cross_attn_out``, ``dec.{l}.cross_attn_weights`` [B,M,Q,HW]); the cross-attention then
     runs through the explicit-softmax path to expose its weights. ``extras["reference_points"]``
@@ -311,7 +345,7 @@ class SMCATransformer(nn.Module):
                                      grid_hw=tuple(int(x) for x in grid_hw), records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
-            extras.update(src=src.transpose(1, 2).reshape(b, -1, *grid_hw), memory=memory, pos=pos, mask=mask,
+            extras.update(hs=hs, src=src.transpose(1, 2).reshape(b, -1, *grid_hw), memory=memory, pos=pos, mask=mask,
                           ref_logits=ref_logit, ref_centers=wh[:, None, :] * ref_logit.sigmoid() / self.stride)
             for i, rec in enumerate(records):
                 extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
