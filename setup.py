@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Fast-converging DETR detectors (SMCA-DETR, Conditional DETR, Deformable DETR) for detectron2",
     packages=find_packages(include=["smca_detr", "smca_detr.*"]),
-    package_data={"smca_detr": ["model_zoo/configs/*.yaml", "checkpoints/*.pth"]},
+    package_data={"smca_detr": ["model_zoo/configs/*.yaml", "model_zoo/configs/demo/*.yaml", "checkpoints/*.pth"]},
     python_requires=">=3.8",
     install_requires=["torch>=2.1", "scipy", "fvcore", "pycocotools", "tqdm"],
     extras_require={"triton": ["triton"], "test": ["pytest"]},

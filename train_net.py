@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 import smca_detr  # noqa: F401  (registers the meta-architecture, transformers and datasets)
 from smca_detr.engine import SmcaDetrCheckpointer, Trainer, launch, setup
+from smca_detr.engine.report import eval_only_report
 
 __all__ = ["main", "cli", "setup"]
 
@@ -25,6 +26,7 @@ def main(args):
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+        eval_only_report(cfg, model)  # speed / memory / params / GFLOPs summary + benchmark_report.json
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
