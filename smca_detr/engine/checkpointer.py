@@ -66,7 +66,12 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
 class SmcaDetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` (same constructor) whose ``save`` and ``tag_last_checkpoint`` are
     atomic and whose ``.pth`` / ``.pt`` loading refuses pickled objects other than tensors and
-    containers (``smca_detr.checkpoint.safe_torch_load``)."""
+    containers (``smca_detr.checkpoint.safe_torch_load``). Official SMCA-DETR / Conditional DETR /
+    Deformable DETR checkpoints are recognised and converted on load
+    (``smca_detr.checkpoint.official``); set ``thing_classes`` to the dataset's class names to let
+    the class-head remapping check them (None: decided by the class count)."""
+
+    thing_classes = None
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -94,11 +99,27 @@ class SmcaDetrCheckpointer(DetectionCheckpointer):
         atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
 
     def _load_file(self, filename: str):
+        self._smca_source = filename  # named in checkpoint_compat's messages
         if filename.endswith((".pth", ".pt")) and os.path.isfile(filename):
             from smca_detr.checkpoint import safe_torch_load
 
             loaded = safe_torch_load(filename, map_location="cpu")
             if not isinstance(loaded, dict) or "model" not in loaded:
                 loaded = {"model": loaded}
-            return loaded
-        return super()._load_file(filename)
+            # official SMCA / Conditional / Deformable DETR checkpoints are converted on load
+            from smca_detr.checkpoint.official import convert_if_official
+
+            return convert_if_official(loaded, self.model, thing_classes=self.thing_classes, log=self.logger)
+        # .pkl / .pyth / other files: read without running pickled code (checkpoint_compat)
+        from .checkpoint_compat import load_checkpoint_file
+        from smca_detr.checkpoint.official import convert_if_official
+
+        loaded = load_checkpoint_file(self, filename, fallback=super()._load_file)
+        # e.g. an official checkpoint downloaded from a URL without a .pth suffix
+        return convert_if_official(loaded, self.model, thing_classes=self.thing_classes, log=self.logger)
+
+    def _load_model(self, checkpoint):
+        # strict key matching; only a class head of another class count is skipped (ONE warning)
+        from .checkpoint_compat import load_model_strictly
+
+        return load_model_strictly(self, checkpoint, super()._load_model)

@@ -298,8 +298,10 @@ class Trainer(DefaultTrainer):
         from ..data.mapper import DetrDatasetMapper
 
         mapper = DetrDatasetMapper(cfg, True)
-        dataset = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        from ..data.validation import build_train_dataset_dicts
+
+        # get_detection_dataset_dicts + checks: names registered, category ids, degenerate boxes
+        dataset = build_train_dataset_dicts(cfg)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
         sampler = ResumableSampler(TrainingSampler(len(dataset)))
@@ -317,7 +319,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         from ..data.mapper import DetrDatasetMapper
+        from ..data.validation import check_dataset_names
 
+        check_dataset_names([dataset_name], "DATASETS.TEST")
         return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, False))
 
     @classmethod

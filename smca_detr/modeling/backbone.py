@@ -3,8 +3,11 @@ reads, each with its padding mask.
 
 Padding masks follow the official code: the image-level mask (True = padding) of the padded batch is
 resized with nearest-neighbour interpolation to each feature map. With the batch padded to a
-multiple of the largest stride, a feature pixel's mask value only depends on its own image, so
-results do not depend on the test batch size.
+multiple of the largest stride, a feature pixel's mask value only depends on its own image. As in
+the official code, the backbone's convolutions do see the padded canvas (after the first conv + norm
+the padding is no longer zero), so an image padded to a larger canvas can give slightly different
+detections; detectron2's test loader runs one image per process, so evaluation is unaffected
+(tests/test_reliability.py pins both facts down).
 """
 from typing import List, Sequence, Tuple
 
@@ -44,6 +47,10 @@ class DetrBackbone(nn.Module):
                 f"{sorted(shapes)} (set MODEL.RESNETS.OUT_FEATURES accordingly)")
         self.in_features = list(in_features)
         self.output_shapes = [shapes[f] for f in self.in_features]
+        strides = [s.stride for s in self.output_shapes]
+        if any(a >= b for a, b in zip(strides, strides[1:])):
+            raise ValueError(f"MODEL.SMCA_DETR.IN_FEATURES={self.in_features} must list distinct backbone levels "
+                             f"finest first (strides {strides})")
         self.size_divisibility = max(
             getattr(self.body, "size_divisibility", 0) or 0, max(s.stride for s in self.output_shapes))
 
