@@ -89,17 +89,21 @@ def add_smca_detr_config(cfg):
 
     # ---------------------------------------------------------------- SMCA-DETR
     _C.SMCA = CN()
-    # Gaussian scale parametrisation (official `--dynamic_scale`), paper Table 3 ablation rows:
-    #   "type1": fixed scale, G = exp(-((dx²+dy²))/β)         ("fixed scale")
-    #   "type2": one scale s per head, -s·(dx²+dy²)/β            ("head-specific single scale")
-    #   "type3": sx, sy per head, -(sx·dx²+sy·dy²)/β             ("independent scales", the default)
-    #   "type4": sx, sy, sxy per head, adds sxy·dx²·dy²          ("full covariance"-like)
+    # Gaussian scale parametrisation (official `--dynamic_scale`), paper Table 3 ablation rows. The
+    # log-Gaussian added to the cross-attention logits is -D/β with dx, dy the distances (feature
+    # pixels) of each key to the head's centre and s = point3 output squared (official default type3):
+    #   "type1": D = dx²+dy², no point3                       ("fixed scale")
+    #   "type2": D = s·(dx²+dy²), one s per head               ("head-specific single scale")
+    #   "type3": D = sx·dx²+sy·dy², (sx, sy) per head          ("independent scales", the default)
+    #   "type4": D = sx·dx²+sy·dy²+sxy·dx²·dy² per head        ("full covariance"-like)
     _C.SMCA.DYNAMIC_SCALE = "type3"
-    # One Gaussian for all heads instead of one per head (paper's "head-shared" ablation row).
+    # One Gaussian (centre offset + scales) shared by all heads instead of one per head: the paper's
+    # "head-shared" ablation row (not in the official code; default False = official).
     _C.SMCA.HEAD_SHARED = False
     # β, the smoothing divisor of the Gaussian log-weight (official `smooth`). Official: 8.
     _C.SMCA.SMOOTH = 8.0
-    # Layers of the MLP that predicts the normalised centre from the query (official point1): 3.
+    # Layers of the MLP (layer-0 `point1`) that predicts the reference centre logit (x, y) from
+    # norm4(tgt + query_pos); centre = sigmoid · unpadded (w, h) / feature stride. Official: 3.
     _C.SMCA.CENTER_MLP_LAYERS = 3
     # Multi-scale (paper): encoder layout, one entry per encoder layer (length must equal ENC_LAYERS),
     # "intra" (self-attention within each scale, weights shared across scales) | "multi" (self-attention
@@ -117,17 +121,24 @@ def add_smca_detr_config(cfg):
 
     # ---------------------------------------------------------------- Deformable DETR
     _C.DEFORMABLE = CN()
-    # Feature levels L fed to the deformable transformer (backbone levels + extra stride-2 convs).
-    # Official: 4 (res3, res4, res5 and one extra); single-scale: 1.
+    # Feature levels L fed to the deformable transformer: the IN_FEATURES backbone levels, then
+    # NUM_FEATURE_LEVELS - len(IN_FEATURES) extra levels made by 3x3 stride-2 convs (the first on the
+    # last backbone map). Official: 4 (res3, res4, res5 and one extra); single-scale: 1 (res5).
+    # Must be >= len(IN_FEATURES).
     _C.DEFORMABLE.NUM_FEATURE_LEVELS = 4
     # Sampling points K per head and level in encoder / decoder. Official: 4 / 4.
     _C.DEFORMABLE.ENC_N_POINTS = 4
     _C.DEFORMABLE.DEC_N_POINTS = 4
-    # Iterative bounding box refinement (per-layer box heads). Official flag --with_box_refine.
+    # Iterative bounding box refinement: per-layer class/box heads, each layer's box refines the
+    # reference of the next (detached). Official flag --with_box_refine.
     _C.DEFORMABLE.WITH_BOX_REFINE = False
-    # Two-stage: encoder proposals seed the decoder. Official flag --two_stage (needs box refinement).
+    # Two-stage: every encoder position proposes a box; the top TWO_STAGE_NUM_PROPOSALS by the extra
+    # encoder head (head set index DEC_LAYERS) seed the decoder's references and queries. Official flag
+    # --two_stage. Requires WITH_BOX_REFINE=True (the official code crashes without it; we refuse at
+    # build time).
     _C.DEFORMABLE.TWO_STAGE = False
-    # Number of two-stage proposals (official: = NUM_QUERIES, 300).
+    # Number of two-stage proposals = decoder queries; must equal NUM_QUERIES (official: both are
+    # --num_queries, 300).
     _C.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS = 300
     # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA, else PyTorch) |
     # "triton" | "pytorch".

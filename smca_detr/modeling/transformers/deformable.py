@@ -23,11 +23,9 @@ batch first):
 * two-stage: every encoder position is a proposal; the top ``Q`` by the class-0 logit of the extra
   heads (index ``DEC_LAYERS``) seed the decoder's references and queries.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...layers.ms_deform_attn import MSDeformAttn
@@ -53,6 +51,10 @@ _CFG = "MODEL.SMCA_DETR.DEFORMABLE"
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     """``[B,H,W]`` padding mask -> ``[B,2]`` (valid columns / W, valid rows / H), float32."""
     _, h, w = mask.shape
@@ -224,8 +226,18 @@ class DeformableTransformer(nn.Module):
     ``num_head_sets`` (``DEC_LAYERS``, + 1 for the two-stage encoder heads), ``zero_init_box``,
     ``init_heads(heads)``.
 
-    ``record_sampling = True`` makes ``extras`` hold every decoder layer's sampling locations and
-    attention weights (off by default: they cost a copy per layer).
+    ``extras`` (official layouts, batch first): ``srcs``, ``masks``, ``pos_embeds`` (per level, level
+    embeddings not added), ``spatial_shapes``, ``level_start_index``, ``valid_ratios [B,L,2]``,
+    ``mask_flatten [B,S]``, ``encoder_reference_points [B,S,L,2]``, ``memory [B,S,d]``, ``dec_tgt``,
+    ``dec_query_pos``, ``init_reference``, ``inter_references`` (list per layer),
+    ``dec_reference_points_input`` (list per layer, scaled by the valid ratios); two-stage also
+    ``output_memory``, ``output_proposals`` (+inf where invalid), ``enc_outputs_coord_unact``,
+    ``topk_proposals``. ``record_sampling = True`` adds every decoder layer's
+    ``dec_sampling_locations [B,Q,M,L,P,2]`` and ``dec_attention_weights [B,Q,M,L,P]`` (off by
+    default: they cost a copy per layer).
+
+    Extra levels need the image padding mask: it is rebuilt from ``image_sizes`` and the padded size
+    ``H_0 * stride_0`` of the finest level (the batch is padded to a multiple of the largest stride).
     """
 
     zero_init_box = True
@@ -259,6 +271,9 @@ class DeformableTransformer(nn.Module):
                 "queries (the official code ties both to --num_queries)")
         if c.PRE_NORM:
             raise ValueError("Deformable DETR has no pre-norm variant; set MODEL.SMCA_DETR.PRE_NORM=False")
+        if d % 32 != 0:
+            raise ValueError(f"Deformable DETR's input projections use GroupNorm(32, d): MODEL.SMCA_DETR.HIDDEN_DIM "
+                             f"must be a multiple of 32, got {d}")
         if dc.MSDA_IMPL not in MSDA_IMPLS:
             raise ValueError(f"{_CFG}.MSDA_IMPL must be one of {list(MSDA_IMPLS)}, got {dc.MSDA_IMPL!r}")
         self.num_queries = c.NUM_QUERIES
@@ -371,10 +386,16 @@ class DeformableTransformer(nn.Module):
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
         pos_flatten = torch.cat([flatten_level(p) + self.level_embed[l].view(1, 1, -1).to(p.dtype)
                                  for l, p in enumerate(pos)], 1)
-        ratios = valid_ratios(masks).to(src_flatten.dtype)
-
-        enc_ref = encoder_reference_points(spatial, ratios).to(src_flatten.dtype)
-        memory = self.encoder(src_flatten, pos_flatten, enc_ref, spatial_shapes, level_start_index, mask_flatten)
+        # Valid ratios, reference points and proposals stay in (at least) float32 under mixed precision:
+        # sampling locations need the resolution (the official code computes them in float32 too).
+        ratios = valid_ratios(masks)
+        enc_ref = encoder_reference_points(spatial, ratios)
+        # The attention only uses the mask to zero padded values: with no padding in the batch (checked
+        # on the host where that costs no device sync) the masking work is skipped.
+        attn_mask = mask_flatten
+        if not mask_flatten.is_cuda and not bool(mask_flatten.any()):
+            attn_mask = None
+        memory = self.encoder(src_flatten, pos_flatten, enc_ref, spatial_shapes, level_start_index, attn_mask)
 
         extras = {"srcs": srcs, "masks": masks, "pos_embeds": pos, "spatial_shapes": spatial_shapes,
                   "level_start_index": level_start_index, "valid_ratios": ratios, "mask_flatten": mask_flatten,
@@ -399,14 +420,14 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=-1)
             query_pos = query_pos[None].expand(bs, -1, -1)
             tgt = tgt[None].expand(bs, -1, -1)
-            reference = self.reference_points(query_pos).sigmoid()
+            reference = _at_least_fp32(self.reference_points(query_pos)).sigmoid()
         extras.update(dec_tgt=tgt, dec_query_pos=query_pos, init_reference=reference)
 
         cross = [layer.cross_attn for layer in self.decoder.layers]
         for m in cross:
             m.store_sampling = self.record_sampling
         hs, layer_refs = self.decoder(tgt, query_pos, reference, memory, spatial_shapes, level_start_index,
-                                      ratios, mask_flatten,
+                                      ratios, attn_mask,
                                       box_heads=heads.box_head if self.with_box_refine else None,
                                       extras=extras)
         if self.record_sampling:

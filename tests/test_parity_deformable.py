@@ -1,0 +1,259 @@
+"""Parity of our Deformable DETR with the official implementation
+(github.com/fundamentalvision/Deformable-DETR) on the fixtures ``deformable_detr_small_*.pt``
+(plain, box refinement, two-stage; see /work/shared/parity/README.md sections 4, 5, 7.4).
+
+Every model is built from the fixture's ``config`` only, loaded through our converter (keep-all
+classes) strictly, and run without its backbone (``forward_from_features``) on the stored features,
+with the PyTorch (grid_sample) multi-scale deformable attention, as the fixtures were made.
+"""
+import math
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from parity_common import (assert_close, assert_indices_equal, assert_topk_close, fixture_params,
+                           load_fixture)
+from smca_detr.checkpoint.deformable import convert_official_deformable_detr, rename_official_deformable_key
+from smca_detr.config import add_smca_detr_config
+from smca_detr.modeling.backbone import resize_mask
+
+FIXTURES = fixture_params("deformable_detr_small_*.pt")
+_STAGE_OF_STRIDE = {4: "res2", 8: "res3", 16: "res4", 32: "res5"}
+
+
+def build_cfg_from_fixture(config):
+    """Our config for a fixture ``config``: sizes, variant switches, losses and matcher costs from
+    the fixture; a tiny detectron2 ResNet whose output levels have the fixture's channels and
+    strides (the parity tests bypass it, but the model is a complete detector)."""
+    cfg = add_smca_detr_config(get_cfg())
+    c = cfg.MODEL.SMCA_DETR
+    c.TRANSFORMER = "DeformableTransformer"
+    c.CLASS_LOSS = "focal"
+    c.NUM_CLASSES = config["num_classes"]
+    c.HIDDEN_DIM = config["d_model"]
+    c.NHEADS = config["nhead"]
+    c.ENC_LAYERS = config["num_encoder_layers"]
+    c.DEC_LAYERS = config["num_decoder_layers"]
+    c.DIM_FEEDFORWARD = config["dim_feedforward"]
+    c.NUM_QUERIES = config["num_queries"]
+    c.DROPOUT = config["dropout"]
+    c.ACTIVATION = config["activation"]
+    c.DEEP_SUPERVISION = config["aux_loss"]
+    c.FOCAL_ALPHA = config["focal_alpha"]
+    c.COST_CLASS, c.COST_BBOX, c.COST_GIOU = (config["set_cost_class"], config["set_cost_bbox"],
+                                              config["set_cost_giou"])
+    c.CLASS_WEIGHT, c.L1_WEIGHT, c.GIOU_WEIGHT = (config["cls_loss_coef"], config["bbox_loss_coef"],
+                                                  config["giou_loss_coef"])
+    c.TEST_TOPK = 100
+    d = c.DEFORMABLE
+    d.NUM_FEATURE_LEVELS = config["num_feature_levels"]
+    d.ENC_N_POINTS = config["enc_n_points"]
+    d.DEC_N_POINTS = config["dec_n_points"]
+    d.WITH_BOX_REFINE = config["with_box_refine"]
+    d.TWO_STAGE = config["two_stage"]
+    d.TWO_STAGE_NUM_PROPOSALS = config["two_stage_num_proposals"]
+    d.MSDA_IMPL = "pytorch"
+    # detectron2 bottleneck ResNet: res_k has RES2_OUT_CHANNELS * stride / 4 channels.
+    strides, channels = list(config["backbone_strides"]), list(config["backbone_channels"])
+    r = cfg.MODEL.RESNETS
+    r.DEPTH = 50
+    r.RES2_OUT_CHANNELS = channels[0] * 4 // strides[0]
+    for s, ch in zip(strides, channels):
+        assert r.RES2_OUT_CHANNELS * s // 4 == ch, (strides, channels)
+    r.STEM_OUT_CHANNELS = 8
+    r.WIDTH_PER_GROUP = 2
+    r.NORM = "FrozenBN"
+    r.OUT_FEATURES = [_STAGE_OF_STRIDE[s] for s in strides]
+    c.IN_FEATURES = list(r.OUT_FEATURES)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def load_converted(model, state_dict):
+    """Strict load of the converted official weights (the fixtures hold no backbone)."""
+    converted = convert_official_deformable_detr(state_dict, keep_all_classes=True)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith("backbone.") for k in missing), [k for k in missing if not k.startswith("backbone.")]
+    return converted
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def case(request):
+    torch.manual_seed(0)
+    fx = load_fixture(request.param)
+    cfg = build_cfg_from_fixture(fx["config"])
+    model = build_model(cfg).eval()
+    converted = load_converted(model, fx["state_dict"])
+    # every official key was consumed: one converted key per official key, aliases excepted
+    aliases = sum(len(group) - 1 for group in fx["tied_state_dict_keys"])
+    assert len(converted) == len(fx["state_dict"]) - aliases
+    inp = fx["inputs"]
+    model.transformer.record_sampling = True
+    with torch.no_grad():
+        out = model.forward_from_features(list(inp["backbone_features"]), inp["image_mask"])
+    model.transformer.record_sampling = False
+    return fx, cfg, model, out
+
+
+def _assert_close_with_inf(actual, expected, what):
+    """README 5.1: infinite entries equal, finite ones within tolerance."""
+    fin = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), fin), f"{what}: infinite entries differ"
+    assert torch.equal(actual[~fin], expected[~fin]), f"{what}: infinite values differ"
+    assert_close(actual[fin], expected[fin], what)
+
+
+def test_parity_deformable_variant_from_config(case):
+    fx, cfg, model, _ = case
+    c = fx["config"]
+    t = model.transformer
+    assert (t.with_box_refine, t.two_stage) == (c["with_box_refine"], c["two_stage"])
+    assert t.num_feature_levels == c["num_feature_levels"] == len(t.input_proj)
+    assert model.heads.per_layer == c["with_box_refine"]
+    assert model.heads.num_sets == c["num_decoder_layers"] + (1 if c["two_stage"] else 0)
+
+
+def test_parity_deformable_state_dict_roundtrip(case):
+    fx, _, model, _ = case
+    sd = model.state_dict()
+    for k, v in convert_official_deformable_detr(fx["state_dict"], keep_all_classes=True).items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_parity_deformable_masks_pos_srcs(case):
+    fx, _, model, out = case
+    inp, it, ex = fx["inputs"], fx["intermediates"], out["extras"]
+    n_levels = fx["config"]["num_feature_levels"]
+    assert len(ex["masks"]) == len(inp["feature_masks"]) == n_levels
+    for lvl in range(n_levels):
+        assert torch.equal(ex["masks"][lvl], inp["feature_masks"][lvl]), f"mask level {lvl}"
+        assert_close(ex["pos_embeds"][lvl], inp["pos_embeds"][lvl], f"pos level {lvl}")
+        assert_close(ex["srcs"][lvl], it["srcs"][lvl], f"src level {lvl}")
+    for lvl, feat in enumerate(inp["backbone_features"]):  # backbone levels: the plain resized mask
+        assert torch.equal(resize_mask(inp["image_mask"], feat.shape[-2:]), inp["feature_masks"][lvl])
+    assert torch.equal(ex["spatial_shapes"], it["spatial_shapes"])
+    assert torch.equal(ex["level_start_index"], it["level_start_index"])
+    assert torch.equal(ex["mask_flatten"], it["mask_flatten"])
+
+
+def test_parity_deformable_encoder(case):
+    fx, _, _, out = case
+    it, ex = fx["intermediates"], out["extras"]
+    assert_close(ex["valid_ratios"], it["valid_ratios"], "valid_ratios")
+    assert_close(ex["encoder_reference_points"], it["encoder_reference_points"], "encoder_reference_points")
+    assert_close(ex["memory"], it["memory"], "memory")
+
+
+def test_parity_deformable_decoder(case):
+    fx, _, model, out = case
+    it, ex = fx["intermediates"], out["extras"]
+    n_layers = fx["config"]["num_decoder_layers"]
+    assert_close(ex["dec_tgt"], it["dec_tgt"], "dec_tgt")
+    assert_close(ex["dec_query_pos"], it["dec_query_pos"], "dec_query_pos")
+    assert_close(ex["init_reference"], it["dec_reference_points"], "dec_reference_points")
+    assert_close(ex["init_reference"], it["init_reference"], "init_reference")
+    assert_close(torch.stack(ex["inter_references"]), it["inter_references"], "inter_references")
+    for lvl in range(n_layers):
+        assert_close(ex["dec_reference_points_input"][lvl], it["dec_layer_reference_points_input"][lvl],
+                     f"reference_points_input layer {lvl}")
+        assert_close(ex["dec_sampling_locations"][lvl], it["dec_layer_sampling_locations"][lvl],
+                     f"sampling_locations layer {lvl}")
+        assert_close(ex["dec_attention_weights"][lvl], it["dec_layer_attention_weights"][lvl],
+                     f"attention_weights layer {lvl}")
+    inp = fx["inputs"]
+    masks = [resize_mask(inp["image_mask"], f.shape[-2:]) for f in inp["backbone_features"]]
+    sizes = [tuple(s) for s in inp["image_sizes"].tolist()]
+    with torch.no_grad():
+        t_out = model.transformer(list(inp["backbone_features"]), masks, sizes, model.heads)
+    assert_close(t_out.hs, it["hs"], "hs")
+    # references (logit space) are the per-layer references of the official head loop
+    refs = [it["init_reference"]] + list(it["inter_references"][:-1])
+    for lvl, r in enumerate(refs):
+        k = r.shape[-1]
+        logit = torch.log(r.clamp(min=1e-5) / (1 - r).clamp(min=1e-5))
+        assert_close(t_out.references[lvl][..., :k], logit, f"reference logits layer {lvl}")
+        assert torch.all(t_out.references[lvl][..., k:] == 0)
+
+
+def test_parity_deformable_outputs(case):
+    fx, _, _, out = case
+    ref = fx["outputs"]
+    assert out["pred_logits"].shape == ref["pred_logits"].shape
+    for lvl in range(ref["pred_logits"].shape[0]):
+        assert_close(out["pred_logits"][lvl], ref["pred_logits"][lvl], f"pred_logits layer {lvl}")
+        assert_close(out["pred_boxes"][lvl], ref["pred_boxes"][lvl], f"pred_boxes layer {lvl}")
+
+
+def test_parity_deformable_two_stage(case):
+    fx, _, _, out = case
+    if not fx["config"]["two_stage"]:
+        assert "enc_outputs" not in out and "enc_outputs" not in fx["outputs"]
+        return
+    it, ex = fx["intermediates"], out["extras"]
+    assert_close(ex["output_memory"], it["output_memory"], "output_memory")
+    assert torch.isinf(it["output_proposals"]).any()  # the fixture does exercise the +inf entries
+    _assert_close_with_inf(ex["output_proposals"], it["output_proposals"], "output_proposals")
+    _assert_close_with_inf(ex["enc_outputs_coord_unact"], it["enc_outputs_coord_unact"], "enc_outputs_coord_unact")
+    assert torch.equal(ex["topk_proposals"], it["topk_proposals"])
+    enc = fx["outputs"]["enc_outputs"]
+    assert_close(out["enc_outputs"]["pred_logits"], enc["pred_logits"], "enc pred_logits")
+    assert_close(out["enc_outputs"]["pred_boxes"], enc["pred_boxes"], "enc pred_boxes")
+
+
+def test_parity_deformable_losses_and_matching(case):
+    fx, _, model, out = case
+    targets = fx["inputs"]["targets"]
+    losses, indices = model.criterion.compute(out, targets)
+    ref = fx["losses"]["unweighted"]
+    # the official criterion logs class_error for the final layer only; ours for every layer
+    extra = set(losses) - set(ref)
+    assert set(ref) <= set(losses) and all(k.startswith("class_error_") for k in extra), sorted(extra)
+    for k, v in ref.items():
+        assert_close(torch.as_tensor(float(losses[k])), torch.as_tensor(v), k)
+    weighted = model.criterion.weighted(losses)
+    # the official weight_dict always lists the *_enc terms; only those the model produced count
+    weight_dict = fx["losses"]["weight_dict"]
+    assert set(weighted) == {k for k in weight_dict if k in ref}
+    for k, v in weighted.items():
+        assert_close(torch.as_tensor(float(v)), torch.as_tensor(ref[k] * weight_dict[k]), f"weighted {k}")
+    total = sum(float(v) for v in weighted.values())
+    assert math.isclose(total, fx["losses"]["weighted_total"], rel_tol=1e-4, abs_tol=1e-5)
+    assert set(indices) == set(fx["matcher_indices"])
+    for k, ref_idx in fx["matcher_indices"].items():
+        assert_indices_equal(indices[k], ref_idx, k)
+
+
+def test_parity_deformable_postprocess(case):
+    fx, _, model, out = case
+    sizes = [tuple(s) for s in fx["inputs"]["orig_target_sizes"].tolist()]
+    results = model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], sizes)
+    scores = torch.stack([r.scores for r in results])
+    labels = torch.stack([r.pred_classes for r in results])
+    boxes = torch.stack([r.pred_boxes.tensor for r in results])
+    assert scores.shape == fx["postprocess"]["scores"].shape
+    assert_topk_close(scores, labels, boxes, fx["postprocess"])
+
+
+def test_parity_deformable_init_deterministic(case):
+    """A freshly built model (other seeds) has the official seed-independent initial values."""
+    fx, cfg, _, _ = case
+    per_layer = fx["config"]["with_box_refine"]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        sd = build_model(cfg).state_dict()
+        checked = 0
+        for key, ref in fx["init_deterministic"].items():
+            ours = rename_official_deformable_key(key, per_layer)
+            assert ours is not None and ours in sd, key
+            if isinstance(ref, dict):
+                assert tuple(sd[ours].shape) == tuple(ref["shape"]), key
+                assert torch.all(sd[ours] == ref["fill"]), f"{key}: expected all {ref['fill']}"
+            else:
+                assert_close(sd[ours], ref, key)
+            checked += 1
+        assert checked == len(fx["init_deterministic"]) > 0
