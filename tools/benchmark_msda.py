@@ -8,7 +8,9 @@ has one query per value position (22223 ~ 20k queries), the decoder case 300 que
 ``--small`` (= ``--size small``) halves the image (400x667) and uses 100 decoder queries;
 ``--size tiny`` is a smoke test (e.g. of the Triton path in the interpreter on CPU).
 
-Implementations: "pytorch" always; "triton" on CUDA when triton imports (or on CPU with
+Implementations: "pytorch" always (forward-only timings use its embedding_bag gather; with
+gradients it is the grid_sample oracle); "oracle" (``--impls oracle``) forces the grid_sample
+oracle ``ms_deform_attn_pytorch`` also for the forward-only timing; "triton" on CUDA when triton imports (or on CPU with
 ``TRITON_INTERPRET=1`` and ``--impls triton``, tiny sizes only - the interpreter is very slow).
 Dtypes: float32, plus float16 / bfloat16 on GPU. Ratios are speed-ups relative to the PyTorch
 float32 path of the same case (>1 = faster). Peak memory: CUDA ``max_memory_allocated`` above the
@@ -31,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smca_detr.layers.msda import ms_deform_attn, triton_available  # noqa: E402
+from smca_detr.layers.msda import ms_deform_attn, ms_deform_attn_pytorch, triton_available  # noqa: E402
 
 SIZES = {
     # (level shapes, decoder queries)
@@ -116,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--small", action="store_true", help="same as --size small")
     ap.add_argument("--cases", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"])
-    ap.add_argument("--impls", nargs="+", choices=["pytorch", "triton"], default=None)
+    ap.add_argument("--impls", nargs="+", choices=["pytorch", "oracle", "triton"], default=None)
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=8)
@@ -154,9 +156,14 @@ def main(argv=None):
             value, spatial, starts, loc, attn = make_inputs(
                 shapes, args.batch, q, args.heads, args.channels, args.points, dtype, device)
 
+            def call(*a):
+                if impl == "oracle":
+                    return ms_deform_attn_pytorch(*a)
+                return ms_deform_attn(*a, impl=impl)
+
             def fwd():
                 with torch.no_grad():
-                    return ms_deform_attn(value, spatial, starts, loc, attn, impl=impl)
+                    return call(value, spatial, starts, loc, attn)
 
             leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
             grad = torch.randn(args.batch, q, args.heads * args.channels, device=device, dtype=dtype)
@@ -164,7 +171,7 @@ def main(argv=None):
             def fwd_bwd():
                 for t in leaves:
                     t.grad = None
-                out = ms_deform_attn(leaves[0], spatial, starts, leaves[1], leaves[2], impl=impl)
+                out = call(leaves[0], spatial, starts, leaves[1], leaves[2])
                 out.backward(grad)
 
             out = fwd().float()

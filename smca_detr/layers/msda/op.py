@@ -7,8 +7,11 @@ impl="auto") -> Tensor [B, Q, M*D]`` (shapes: see :mod:`.reference`).
 
 ``impl``:
 
-* ``"pytorch"``: the pure-PyTorch ``grid_sample`` path (:func:`.reference.ms_deform_attn_pytorch`),
-  differentiated by autograd (so also twice-differentiable); any device and dtype.
+* ``"pytorch"``: pure PyTorch, any device and dtype. When a gradient is needed (grad mode on and
+  an input requires grad) it is the ``grid_sample`` path (:func:`.reference.ms_deform_attn_pytorch`,
+  the test oracle), differentiated by autograd (so also twice-differentiable); otherwise (inference)
+  the faster single-``embedding_bag`` gather (:func:`.reference.ms_deform_attn_gather`, same
+  result up to float rounding).
 * ``"triton"``: the Triton kernels through the custom op ``smca_detr::ms_deform_attn`` (autograd via
   ``register_autograd`` and the custom op ``smca_detr::ms_deform_attn_backward``; differentiable
   once, no double backward). Needs triton and CUDA tensors; on CPU tensors it runs the Triton
@@ -55,7 +58,7 @@ from typing import Any, List, Tuple
 import torch
 from torch import Tensor
 
-from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
+from .reference import ms_deform_attn_gather, ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
 __all__ = [
     "ms_deform_attn",
@@ -249,9 +252,14 @@ def ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
             backend == "triton",
         )
-    return ms_deform_attn_pytorch(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if torch.is_grad_enabled() and (
+        value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
+    ):
+        # training: autograd through grid_sample has the faster backward on CPU
+        return ms_deform_attn_pytorch(*args)
+    # no gradient needed (inference): one embedding_bag, no [B*M, D, Q, L*P] intermediate
+    return ms_deform_attn_gather(*args)
 
 
 # --------------------------------------------------------------------------------------------
