@@ -78,10 +78,9 @@ def main(argv=None):
         ensure_synthetic(name)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trainer.train()
-    results = Trainer.test(cfg, trainer.model)
+    results = trainer.train()  # detectron2 evaluates cfg.DATASETS.TEST once training ends
     pictures = write_pictures(cfg, trainer.model, os.path.join(cfg.OUTPUT_DIR, "pictures"), args.num_pictures)
-    bbox = results.get("bbox", {}) if isinstance(results, dict) else {}
+    bbox = (results or {}).get("bbox", {})
     trend = loss_trend(cfg.OUTPUT_DIR)
     print("\n================ smca_detr demo summary ================")
     print(f"config          : {os.path.relpath(args.config_file, REPO)}")

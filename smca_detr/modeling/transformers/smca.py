@@ -189,6 +189,11 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
         """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``. ``image_wh [B,2]``: unpadded
         (w, h); ``stride``: feature stride; ``ref_centers [B,Q,2]``: layer 0's centre (None in layer 0).
         Returns (bias ``[B,G,Q,HW]``, ref_centers ``[B,Q,2]``, ref_logit ``[B,Q,2]`` or None)."""
+        if torch.is_autocast_enabled(out.device.type):
+            # centres / distances need float32 (squared distances reach ~1e3-1e6 in feature pixels²)
+            with torch.autocast(out.device.type, enabled=False):
+                return self.spatial_prior(out.float(), None if ref_centers is None else ref_centers.float(),
+                                          image_wh.float(), stride, grid_hw, record)
         b, q, _ = out.shape
         g = self.num_gaussians
         offsets = self.point2(out)

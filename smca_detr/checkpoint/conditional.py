@@ -1,0 +1,68 @@
+"""Official Conditional DETR checkpoints (github.com/Atten4Vis/ConditionalDETR) -> smca_detr.
+
+Official layout -> ours:
+  backbone.0.body.*             -> backbone.body.*  (torchvision ResNet -> detectron2 names)
+  input_proj.*                  -> transformer.input.input_proj.*
+  query_embed.weight            -> transformer.query_embed.weight
+  transformer.encoder.* / transformer.decoder.*  -> unchanged (same module names)
+  class_embed.* / bbox_embed.*  -> heads.class_embed.* / heads.bbox_embed.*
+
+The official heads have 91 class logits (COCO category ids 0..90, focal / sigmoid, no "no object"
+column). By default the 80 rows of the real COCO categories are kept in detectron2's contiguous
+order (``coco_official_columns``); ``keep_all_classes=True`` keeps all rows unchanged.
+"""
+import os
+from typing import Mapping, Union
+
+import torch
+
+from .common import apply_renames, coco_official_columns, remap_class_rows
+from .safe_load import safe_torch_load
+
+__all__ = ["CONDITIONAL_RENAMES", "convert_official_conditional_detr", "load_official_conditional_detr"]
+
+CONDITIONAL_RENAMES = [
+    (r"^input_proj\.", "transformer.input.input_proj."),
+    (r"^query_embed\.weight$", "transformer.query_embed.weight"),
+    (r"^transformer\.(encoder|decoder)\.", r"transformer.\1."),
+    (r"^class_embed\.", "heads.class_embed."),
+    (r"^bbox_embed\.", "heads.bbox_embed."),
+]
+
+CLASS_KEYS = ("heads.class_embed.weight", "heads.class_embed.bias")
+
+
+def _model_state_dict(obj: Mapping) -> Mapping[str, torch.Tensor]:
+    """A full official checkpoint (``{"model", "optimizer", "args", ...}``) or a bare state dict."""
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        return obj["model"]
+    return obj
+
+
+def convert_official_conditional_detr(state_dict: Union[Mapping, str, os.PathLike],
+                                      keep_all_classes: bool = False) -> "dict[str, torch.Tensor]":
+    """Official Conditional DETR state dict (or full checkpoint dict, or a path to one) -> a state
+    dict of our ``SmcaDetrDetector`` with ``MODEL.SMCA_DETR.TRANSFORMER = "ConditionalTransformer"``.
+
+    Keys without a conversion rule raise ``KeyError``. With ``keep_all_classes=False`` the class
+    head is reduced to the 80 COCO classes (needs the official 91-logit head).
+    """
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = safe_torch_load(state_dict)
+    sd = _model_state_dict(state_dict)
+    out = apply_renames(sd, CONDITIONAL_RENAMES)
+    if not keep_all_classes:
+        columns = coco_official_columns()
+        n = out["heads.class_embed.weight"].shape[0] if "heads.class_embed.weight" in out else None
+        if n is not None and n <= max(columns):
+            raise ValueError(
+                f"class head has {n} rows; remapping to the 80 COCO classes needs the official "
+                f"91-row head (use keep_all_classes=True for other datasets)")
+        remap_class_rows(out, CLASS_KEYS, columns)
+    return out
+
+
+def load_official_conditional_detr(model: torch.nn.Module, path: Union[str, os.PathLike],
+                                   keep_all_classes: bool = False, strict: bool = True):
+    """Convert the official checkpoint at ``path`` and load it into ``model``."""
+    return model.load_state_dict(convert_official_conditional_detr(path, keep_all_classes), strict=strict)

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""CPU speed of the full-size Conditional DETR (R50, d=256, 300 queries, random weights) through
+detectron2's model API.
+
+Prints:
+  * inference s/image at 640x800, batch 1 (``model([{"image", "height", "width"}])``), and the part
+    after the backbone;
+  * s/train-step for a batch of 2 images at 640x800 (forward + losses + backward + full-model
+    gradient clipping + AdamW step);
+  * the decoder cross-attention alone: fused SDPA vs an explicit softmax (forward, and forward +
+    backward), and the whole model's inference with either implementation.
+
+Every figure also comes with the process CPU time; CPU time / wall time well below the thread
+count means other processes shared the cores and the wall times are inflated.
+
+Usage: python tools/benchmark_conditional.py [--threads 2] [--repeats 5] [--channels-last] [--config ...]
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+from smca_detr.config import add_smca_detr_config  # noqa: E402
+from smca_detr.modeling.transformers.conditional import HeadAttention  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Reference figures of the official implementation on the same 2-core CPU (given by the project).
+OFFICIAL = {"infer": 0.87, "infer_after_backbone": 0.16, "train_step": 4.7}
+
+
+def timeit(fn, repeats, warmup=1):
+    """Median wall time of ``fn``; the process CPU time of the same runs is kept in ``CPU_TIMES``
+    (its ratio to the wall time shows whether other processes competed for the cores)."""
+    for _ in range(warmup):
+        fn()
+    times, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    CPU_TIMES.append((statistics.median(times), statistics.median(cpu)))
+    return statistics.median(times)
+
+
+CPU_TIMES = []
+
+
+def cpu_of(wall):
+    """CPU time of the measurement whose median wall time is ``wall``."""
+    return next(c for w, c in CPU_TIMES if w == wall)
+
+
+def build(config):
+    cfg = add_smca_detr_config(get_cfg())
+    cfg.merge_from_file(config)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def make_inputs(n, h, w, with_instances):
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    for _ in range(n):
+        x = {"image": torch.randint(0, 256, (3, h, w), generator=g).float(), "height": h, "width": w}
+        if with_instances:
+            inst = Instances((h, w))
+            k = 8
+            xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+            wh = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+            inst.gt_classes = torch.randint(0, 80, (k,), generator=g)
+            x["instances"] = inst
+        batch.append(x)
+    return batch
+
+
+def make_optimizer(cfg, model):
+    """The training optimizer of ``cfg`` (smca_detr.engine: AdamW, backbone LR multiplier, full-model
+    clipping inside ``step``) when available, else the same built here."""
+    try:
+        from smca_detr.engine.optimizer import build_optimizer
+
+        return build_optimizer(cfg, model), False
+    except ImportError:
+        pass
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": rest}, {"params": backbone, "lr": cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER}],
+        lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return opt, True
+
+
+def bench_attention(repeats, b=1, heads=8, d=256, q=300, s=500):
+    """Cross-attention alone: q/k head width 2d/M, v head width d/M, with a padding mask."""
+    g = torch.Generator().manual_seed(0)
+    qh = torch.randn(b, heads, q, 2 * d // heads, generator=g)
+    kh = torch.randn(b, heads, s, 2 * d // heads, generator=g)
+    vh = torch.randn(b, heads, s, d // heads, generator=g)
+    mask = torch.zeros(b, 1, 1, s)
+    mask[..., -s // 10:] = float("-inf")
+    att = HeadAttention(d)
+    res = {}
+    for impl in ("sdpa", "naive"):
+        att.impl = impl
+        with torch.no_grad():
+            res[impl + "_fwd"] = timeit(lambda: att(qh, kh, vh, mask), repeats * 10)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (qh, kh, vh))
+        res[impl + "_fwd_bwd"] = timeit(lambda: att(qg, kg, vg, mask).sum().backward(), repeats * 10)
+    with torch.no_grad():
+        att.impl = "sdpa"
+        out_s = att(qh, kh, vh, mask)
+        att.impl = "naive"
+        out_n = att(qh, kh, vh, mask)
+    res["max_abs_diff"] = float((out_s - out_n).abs().max())
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.path.join(REPO, "configs", "conditional_detr_r50.yaml"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--height", type=int, default=640)
+    ap.add_argument("--width", type=int, default=800)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="convert the backbone weights to channels-last (its activations follow)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    h, w = args.height, args.width
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "
+          f"channels-last backbone {args.channels_last}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    cfg, model = build(args.config)
+    if args.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.MODEL.SMCA_DETR.NUM_QUERIES} queries, "
+          f"d={cfg.MODEL.SMCA_DETR.HIDDEN_DIM}")
+
+    # ---------------------------------------------------------------- inference
+    model.eval()
+    batch = make_inputs(1, h, w, False)
+    with torch.no_grad():
+        t_inf = timeit(lambda: model(batch), args.repeats)
+        images = model.preprocess_image(batch)
+        t_backbone = timeit(lambda: model.backbone(images.tensor, images.image_sizes), args.repeats)
+        feats, masks = model.backbone(images.tensor, images.image_sizes)
+        t_after = timeit(lambda: model.forward_features(feats, masks, images.image_sizes), args.repeats)
+        model.transformer.set_attention_impl("naive")
+        t_after_naive = timeit(lambda: model.forward_features(feats, masks, images.image_sizes), args.repeats)
+        model.transformer.set_attention_impl("sdpa")
+    print(f"inference {h}x{w} batch 1: {t_inf:.3f} s/image "
+          f"(official {OFFICIAL['infer']:.2f}, ratio {t_inf / OFFICIAL['infer']:.2f}); CPU time {cpu_of(t_inf):.3f} s")
+    print(f"  backbone {t_backbone:.3f} s; after the backbone {t_after:.3f} s "
+          f"(official {OFFICIAL['infer_after_backbone']:.2f}, ratio "
+          f"{t_after / OFFICIAL['infer_after_backbone']:.2f}); with naive attention {t_after_naive:.3f} s")
+    print(f"  CPU time: backbone {cpu_of(t_backbone):.3f} s, after the backbone {cpu_of(t_after):.3f} s "
+          f"(naive attention {cpu_of(t_after_naive):.3f} s)")
+
+    # ---------------------------------------------------------------- training step
+    if not args.skip_train:
+        model.train()
+        opt, clip_here = make_optimizer(cfg, model)
+        batch = make_inputs(2, h, w, True)
+        clip = cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE
+
+        def step():
+            losses = model(batch)
+            total = sum(losses.values())
+            assert math.isfinite(float(total.detach()))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if clip_here:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+
+        t_train = timeit(step, max(2, args.repeats // 2))
+        print(f"train step batch 2 at {h}x{w} (fwd+loss+bwd+clip+AdamW): {t_train:.3f} s "
+              f"(official {OFFICIAL['train_step']:.1f}, ratio {t_train / OFFICIAL['train_step']:.2f}); "
+              f"CPU time {cpu_of(t_train):.3f} s")
+
+    # ---------------------------------------------------------------- attention alone
+    s = (math.ceil(h / 32)) * (math.ceil(w / 32))
+    for b in (1, 2):
+        r = bench_attention(args.repeats, b=b, d=cfg.MODEL.SMCA_DETR.HIDDEN_DIM, heads=cfg.MODEL.SMCA_DETR.NHEADS,
+                            q=cfg.MODEL.SMCA_DETR.NUM_QUERIES, s=s)
+        print(f"cross-attention B={b} Q={cfg.MODEL.SMCA_DETR.NUM_QUERIES} S={s}: "
+              f"fwd sdpa {r['sdpa_fwd'] * 1e3:.2f} ms vs naive {r['naive_fwd'] * 1e3:.2f} ms; "
+              f"fwd+bwd sdpa {r['sdpa_fwd_bwd'] * 1e3:.2f} ms vs naive {r['naive_fwd_bwd'] * 1e3:.2f} ms; "
+              f"max |diff| {r['max_abs_diff']:.1e}")
+
+    walls = sum(w for w, _ in CPU_TIMES)
+    cpus = sum(c for _, c in CPU_TIMES)
+    print(f"CPU time / wall time over all measurements: {cpus / walls:.2f} "
+          f"(about {args.threads} when the cores were not shared with other processes)")
+
+
+if __name__ == "__main__":
+    main()
