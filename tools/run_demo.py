@@ -78,7 +78,8 @@ def main(argv=None):
         ensure_synthetic(name)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train()  # detectron2 evaluates cfg.DATASETS.TEST once training ends
+    trainer.train()  # detectron2's EvalHook evaluates cfg.DATASETS.TEST once training ends
+    results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
     pictures = write_pictures(cfg, trainer.model, os.path.join(cfg.OUTPUT_DIR, "pictures"), args.num_pictures)
     bbox = (results or {}).get("bbox", {})
     trend = loss_trend(cfg.OUTPUT_DIR)
