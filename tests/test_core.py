@@ -259,3 +259,35 @@ def test_criterion_two_stage_encoder_term_uses_class_zero():
     onehot = torch.zeros(1, 6, 3)
     onehot[0, q, 0] = 1
     torch.testing.assert_close(losses["loss_ce_enc"], sigmoid_focal_loss(enc["pred_logits"], onehot).sum() / 2)
+
+
+# ---------------------------------------------------------------- DETR baseline, pre-norm
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_detr_post_and_pre_norm_forward_backward(pre_norm):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from smca_detr import add_smca_detr_config
+
+    cfg = add_smca_detr_config(get_cfg())
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 18, 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    c = cfg.MODEL.SMCA_DETR
+    c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.ENC_LAYERS, c.DEC_LAYERS, c.NUM_QUERIES, c.NUM_CLASSES = 32, 64, 2, 2, 5, 3
+    c.PRE_NORM = pre_norm
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    # pre-norm: the encoder ends with a LayerNorm (official); post-norm: none
+    assert (model.transformer.encoder.norm is not None) == pre_norm
+    assert all(layer.normalize_before == pre_norm for layer in model.transformer.decoder.layers)
+    feats = [torch.randn(2, 512, 3, 4)]
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    out = model.forward_from_features(feats, mask)
+    assert out["pred_logits"].shape == (2, 2, 5, 4) and out["pred_boxes"].shape == (2, 2, 5, 4)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}] * 2
+    loss = sum(model.criterion(out, targets).values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.transformer.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
