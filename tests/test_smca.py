@@ -224,7 +224,8 @@ def test_full_size_r50_recipe(full_r50):
     cfg, model = full_r50
     c = cfg.MODEL.SMCA_DETR
     assert isinstance(model.transformer, SMCATransformer) and model.transformer.stride == 32
-    assert (c.NUM_QUERIES, c.CLASS_LOSS, c.NUM_CLASSES, c.SMCA.DYNAMIC_SCALE, c.SMCA.SMOOTH) == (300, "focal", 80, "type3", 8.0)
+    assert (c.NUM_QUERIES, c.CLASS_LOSS, c.NUM_CLASSES) == (300, "focal", 80)
+    assert (c.SMCA.DYNAMIC_SCALE, c.SMCA.SMOOTH, c.SMCA.HEAD_SHARED) == ("type3", 8.0, False)
     assert (c.CLASS_WEIGHT, c.L1_WEIGHT, c.GIOU_WEIGHT, c.COST_CLASS, c.COST_BBOX, c.COST_GIOU) == (2, 5, 2, 2, 5, 2)
     s = cfg.SOLVER
     assert (s.OPTIMIZER, s.BASE_LR, s.BACKBONE_MULTIPLIER, s.WEIGHT_DECAY, s.CLIP_GRADIENTS.CLIP_VALUE,
@@ -489,7 +490,8 @@ def test_convert_cli(tmp_path, capsys):
 def _compact_tool():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("compact_parity_fixture", REPO / "tools" / "compact_parity_fixture.py")
+    path = REPO / "tools" / "compact_parity_fixture.py"
+    spec = importlib.util.spec_from_file_location("compact_parity_fixture", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -179,7 +179,8 @@ def bench_attention(device, threads, iters):
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() - base
             else:
-                cmd = [sys.executable, __file__, "--_peak", name, "--threads", str(threads)] + (["--_bwd"] if backward else [])
+                cmd = [sys.executable, __file__, "--_peak", name, "--threads", str(threads)]
+                cmd += ["--_bwd"] if backward else []
                 env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
                 peak = int(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.split()[-1])
             res[f"{mode}/{name}"] = {"ms": round(t * 1e3, 2), "peak_MiB": round(peak / 2 ** 20, 1)}
@@ -247,7 +248,8 @@ def bench_model(device, iters, train_iters, channels_last=False):
     batch = _inputs(2, 640, 800, device, True)
     bb = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    opt = torch.optim.AdamW([{"params": rest}, {"params": bb, "lr": cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER}],
+    lr_bb = cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER
+    opt = torch.optim.AdamW([{"params": rest}, {"params": bb, "lr": lr_bb}],
                             lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     def step():

@@ -25,7 +25,8 @@ from .common import apply_renames, coco_official_columns, remap_class_rows
 from .safe_load import safe_torch_load
 
 __all__ = ["SMCA_CONVERSION_RULES", "SMCA_KIND_DETECTORS", "SMCA_CLASS_KEYS", "register_smca_kind",
-           "SMCA_KIND_MODULES", "detect_smca_kind", "split_official_checkpoint", "convert_official_smca", "official_args_summary"]
+           "SMCA_KIND_MODULES", "detect_smca_kind", "split_official_checkpoint", "convert_official_smca",
+           "official_args_summary"]
 
 Rules = List[Tuple[str, str]]
 

@@ -132,24 +132,22 @@ def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask:
     padded keys) through the shared ``MultiheadAttention``'s parameters.
 
     Fused ``F.scaled_dot_product_attention`` (additive ``attn_mask``) whenever possible. Two cases
-    use the explicit path ``softmax(mask + (q/sqrt(d_h)) k^T) v`` (``baddbmm`` fuses the mask add):
-    ``need_weights`` (it returns the probabilities ``[B,M,Q,S]``), and CPU training where the mask
-    needs a gradient (PyTorch's CPU flash kernel has no mask gradient, its fallback is slower than
-    this path). Same maths either way (test_smca: fused vs explicit).
+    use the explicit path ``softmax((q/sqrt(d_h)) k^T + mask) v``: ``need_weights`` (it returns the
+    probabilities ``[B,M,Q,S]``), and CPU training where the mask needs a gradient (PyTorch's CPU
+    flash kernel has no mask gradient and its math fallback is slower; the explicit path adds the
+    mask in place into the fresh logits, one full-size allocation less). Same maths either way
+    (test_smca: fused vs explicit, outputs and gradients).
     """
     explicit = need_weights or (attn_mask.requires_grad and torch.is_grad_enabled()
                                 and attn_mask.device.type == "cpu")
     if not explicit:
         return attn(query, key, value, attn_bias=attn_mask)
     q, k, v = attn.project(query, key, value)
-    b, m, lq, hd = q.shape
-    lk = k.shape[2]
-    mask = attn_mask.to(q.dtype).expand(b, m, lq, lk).reshape(b * m, lq, lk)
-    logits = torch.baddbmm(mask, (q * hd ** -0.5).reshape(b * m, lq, hd), k.reshape(b * m, lk, hd).transpose(1, 2))
-    weights = logits.softmax(-1)
-    out = torch.bmm(F.dropout(weights, attn.dropout, attn.training), v.reshape(b * m, lk, hd))
-    out = attn.out_proj(out.view(b, m, lq, hd).transpose(1, 2).flatten(2))
-    return out, (weights.view(b, m, lq, lk) if need_weights else None)
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B,M,Q,S], fresh
+    weights = logits.add_(attn_mask.to(logits.dtype)).softmax(-1)
+    out = torch.matmul(F.dropout(weights, attn.dropout, attn.training), v)
+    out = attn.out_proj(out.transpose(1, 2).flatten(2))
+    return out, (weights if need_weights else None)
 
 
 class SMCADecoderLayer(FFNMixin, nn.Module):
