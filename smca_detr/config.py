@@ -44,6 +44,12 @@ def add_smca_detr_config(cfg):
     _C.NUM_CLASSES = 80
     # Backbone levels fed to the transformer, finest first (e.g. ["res5"], ["res3","res4","res5"]).
     _C.IN_FEATURES = ["res5"]
+    # CPU inference only: run a detectron2 ResNet backbone with its (frozen / eval) norms folded into
+    # the convolutions, channels-last, through oneDNN's fused conv+ReLU and conv+add+ReLU operators
+    # (~25-30% faster on CPU, same maths up to float32 rounding). Applies only when exact: eval mode,
+    # no grad, float32, no autocast, stock BasicStem/BottleneckBlock/BasicBlock; otherwise detectron2's
+    # own forward runs. False = always detectron2's forward.
+    _C.FUSED_CPU_BACKBONE = True
     # Transformer width d (d_model). Official: 256.
     _C.HIDDEN_DIM = 256
     # Attention heads M (nheads). Official: 8. Must divide HIDDEN_DIM.

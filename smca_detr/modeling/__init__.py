@@ -1,4 +1,5 @@
 """Modeling: meta-architecture, backbone adapter, transformers, heads, matcher, criterion."""
+from . import slim_resnet  # noqa: F401  (registers build_slim_resnet_backbone)
 from . import transformers  # noqa: F401  (registers the transformers)
 from .criterion import SetCriterion, build_criterion
 from .matcher import HungarianMatcher

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from detectron2.modeling import build_backbone
 from torch import nn
 
+from .fused_resnet import fused_resnet_forward, fused_resnet_supported
+
 __all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
 
 
@@ -39,6 +41,8 @@ class DetrBackbone(nn.Module):
     def __init__(self, cfg, in_features: List[str]):
         super().__init__()
         self.body = build_backbone(cfg)
+        # fused CPU inference path (fused_resnet.py); checked per call, falls back when not exact
+        self.fused_cpu = bool(cfg.MODEL.SMCA_DETR.get("FUSED_CPU_BACKBONE", True))
         shapes = self.body.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if missing:
@@ -55,7 +59,10 @@ class DetrBackbone(nn.Module):
             getattr(self.body, "size_divisibility", 0) or 0, max(s.stride for s in self.output_shapes))
 
     def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        feats = self.body(images)
+        if self.fused_cpu and fused_resnet_supported(self.body, images)[0]:
+            feats = fused_resnet_forward(self.body, images)
+        else:
+            feats = self.body(images)
         mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)
         features = [feats[f] for f in self.in_features]
         return features, [resize_mask(mask, f.shape[-2:]) for f in features]
