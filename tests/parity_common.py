@@ -5,12 +5,28 @@ files are discovered by name, and every model is built from each file's ``config
 Fixtures may be in the original format or in this repo's compact format (see
 ``tools/compact_parity_fixture.py``: int8 weights with one power-of-two exponent per tensor, and
 only the entries the tests compare); ``load_fixture`` returns the same dict for both.
+
+The configs of our models are built from a fixture's ``config`` through the key tables below
+(``SMCA_KEYS``, ``DETR_KEYS``); the backbone is either a parameter-free stub declaring the fixture's
+levels (``use_stub_backbone``, SMCA) or a tiny detectron2 ResNet with the fixture's channels and
+strides (``use_tiny_resnet``, Conditional / Deformable DETR). The parity runs bypass it
+(``forward_from_features``) either way.
 """
+import functools
+import importlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
+
+from smca_detr.config import add_smca_detr_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMPACT_FORMAT = "smca-detr-compact-fixture/1"
@@ -49,6 +65,195 @@ def load_fixture(path):
         fx = dict(fx)
         fx["state_dict"] = expand_state_dict(fx["state_dict"])
     return fx
+
+
+@functools.lru_cache(maxsize=None)
+def cached_fixture(path):
+    """``load_fixture`` once per file (the tests only read the fixtures)."""
+    return load_fixture(path)
+
+
+def fixture_targets(fx):
+    """The fixture's targets as the criterion takes them (labels, normalised cxcywh boxes)."""
+    return [{"labels": t["labels"], "boxes": t["boxes"]} for t in fx["inputs"]["targets"]]
+
+
+def official_gaussian_bias(gaussian, b, m):
+    """Official SMCA Gaussian ``[Q, S, B*M]`` (index b*M + head) -> ours ``[B, M, Q, S]``."""
+    q, s, _ = gaussian.shape
+    return gaussian.view(q, s, b, m).permute(2, 3, 0, 1)
+
+
+def stack_results(results):
+    """``(scores, labels, boxes)`` of per-image ``Instances``, stacked over the batch."""
+    return (torch.stack([r.scores for r in results]), torch.stack([r.pred_classes for r in results]),
+            torch.stack([r.pred_boxes.tensor for r in results]))
+
+
+# ------------------------------------------------------------------ configs from a fixture's config
+# MODEL.SMCA_DETR key (dotted into sub-nodes) <- fixture ``config`` entry (dotted into nested dicts).
+SMCA_KEYS = {  # official SMCA-DETR, single and multi-scale
+    "HIDDEN_DIM": "d_model", "NHEADS": "nheads", "DIM_FEEDFORWARD": "dim_feedforward",
+    "ENC_LAYERS": "num_encoder_layers", "DEC_LAYERS": "num_decoder_layers", "NUM_QUERIES": "num_queries",
+    "NUM_CLASSES": "num_logits",  # keep-all conversion: every official column is a focal logit
+    "DROPOUT": "dropout", "ACTIVATION": "activation", "PRE_NORM": "normalize_before",
+    "DEEP_SUPERVISION": "aux_loss", "SMCA.DYNAMIC_SCALE": "dynamic_scale", "SMCA.SMOOTH": "smooth",
+    "POS_TEMPERATURE": "position_encoding.temperature",
+    "COST_CLASS": "matcher.cost_class", "COST_BBOX": "matcher.cost_bbox", "COST_GIOU": "matcher.cost_giou",
+    "FOCAL_ALPHA": "loss.focal_alpha", "FOCAL_GAMMA": "loss.focal_gamma",
+    "CLASS_WEIGHT": "loss.weight_dict.loss_ce", "L1_WEIGHT": "loss.weight_dict.loss_bbox",
+    "GIOU_WEIGHT": "loss.weight_dict.loss_giou", "TEST_TOPK": "postprocess_topk",
+}
+SMCA_DEFAULTS = {"activation": "relu"}
+DETR_KEYS = {  # official Conditional / Deformable DETR (their argparse names)
+    "NUM_CLASSES": "num_classes", "HIDDEN_DIM": "d_model", "NHEADS": "nhead",
+    "ENC_LAYERS": "num_encoder_layers", "DEC_LAYERS": "num_decoder_layers",
+    "DIM_FEEDFORWARD": "dim_feedforward", "NUM_QUERIES": "num_queries", "DROPOUT": "dropout",
+    "ACTIVATION": "activation", "DEEP_SUPERVISION": "aux_loss", "FOCAL_ALPHA": "focal_alpha",
+    "COST_CLASS": "set_cost_class", "COST_BBOX": "set_cost_bbox", "COST_GIOU": "set_cost_giou",
+    "CLASS_WEIGHT": "cls_loss_coef", "L1_WEIGHT": "bbox_loss_coef", "GIOU_WEIGHT": "giou_loss_coef",
+}
+
+
+def set_from_fixture(node, config, keys, defaults=None):
+    """``node.KEY = config[path]`` for every ``KEY: path`` of ``keys`` (both dotted); a ``path``
+    missing from ``config`` takes ``defaults[path]`` when there is one, else raises ``KeyError``."""
+    defaults = defaults or {}
+    for key, path in keys.items():
+        try:
+            value = functools.reduce(lambda d, part: d[part], path.split("."), config)
+        except KeyError:
+            if path not in defaults:
+                raise
+            value = defaults[path]
+        *sub, name = key.split(".")
+        setattr(functools.reduce(getattr, sub, node), name, value)
+
+
+def cfg_from_fixture(config, transformer, keys, defaults=None):
+    """Our CPU config of a ``transformer`` with focal loss, ``MODEL.SMCA_DETR`` filled from the
+    fixture ``config`` through ``keys``; the backbone is left to ``use_stub_backbone`` /
+    ``use_tiny_resnet``."""
+    cfg = add_smca_detr_config(get_cfg())
+    m = cfg.MODEL.SMCA_DETR
+    m.TRANSFORMER = transformer
+    m.CLASS_LOSS = "focal"
+    set_from_fixture(m, config, keys, defaults)
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+_STUB = "ParityStubBackbone"
+
+if _STUB not in BACKBONE_REGISTRY._obj_map:
+    @BACKBONE_REGISTRY.register()
+    class ParityStubBackbone(Backbone):
+        """Parity runs bypass the backbone (``forward_from_features``); this parameter-free stub only
+        declares the fixture's levels (names, channels, strides from MODEL.PARITY_STUB), so the
+        converted official state dict loads with ``strict=True``."""
+
+        def __init__(self, cfg, input_shape):
+            super().__init__()
+            p = cfg.MODEL.PARITY_STUB
+            self._shapes = {n: ShapeSpec(channels=c, stride=s) for n, c, s in zip(p.NAMES, p.CHANNELS, p.STRIDES)}
+
+        def forward(self, x):
+            out = {}
+            for name, shape in self._shapes.items():
+                y = F.avg_pool2d(x, shape.stride)
+                out[name] = y.mean(1, keepdim=True).expand(-1, shape.channels, -1, -1)
+            return out
+
+        def output_shape(self):
+            return dict(self._shapes)
+
+
+def use_stub_backbone(cfg, names, channels, strides):
+    """The parameter-free stub backbone with levels ``names`` (channels, strides), all of them fed to
+    the transformer."""
+    cfg.MODEL.BACKBONE.NAME = _STUB
+    cfg.MODEL.PARITY_STUB = CN()
+    cfg.MODEL.PARITY_STUB.NAMES = list(names)
+    cfg.MODEL.PARITY_STUB.CHANNELS = list(channels)
+    cfg.MODEL.PARITY_STUB.STRIDES = list(strides)
+    cfg.MODEL.SMCA_DETR.IN_FEATURES = list(names)
+    return cfg
+
+
+_STAGE_OF_STRIDE = {4: "res2", 8: "res3", 16: "res4", 32: "res5"}
+
+
+def use_tiny_resnet(cfg, strides, channels):
+    """A tiny detectron2 bottleneck ResNet-50 whose output levels have the fixture's ``strides`` and
+    ``channels`` (res_k has RES2_OUT_CHANNELS * stride / 4 channels), all of them fed to the
+    transformer; no weights file."""
+    assert (channels[0] * 4) % strides[0] == 0, (channels, strides)
+    r = cfg.MODEL.RESNETS
+    r.DEPTH = 50
+    r.RES2_OUT_CHANNELS = channels[0] * 4 // strides[0]
+    for s, ch in zip(strides, channels):
+        assert r.RES2_OUT_CHANNELS * s // 4 == ch, (strides, channels)
+    r.STEM_OUT_CHANNELS = 8
+    r.WIDTH_PER_GROUP = 2
+    r.NORM = "FrozenBN"
+    r.OUT_FEATURES = [_STAGE_OF_STRIDE[s] for s in strides]
+    cfg.MODEL.SMCA_DETR.IN_FEATURES = list(r.OUT_FEATURES)
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+# ------------------------------------------------------------------ loading converted weights
+def assert_loads_strictly(model, state_dict):
+    """``state_dict`` has exactly the model's keys and shapes, loads with ``strict=True`` and every
+    value ends up in the model unchanged."""
+    ours = model.state_dict()
+    assert sorted(state_dict) == sorted(ours), set(state_dict) ^ set(ours)
+    for k, v in state_dict.items():
+        assert v.shape == ours[k].shape, k
+    model.load_state_dict(state_dict, strict=True)
+    ours = model.state_dict()
+    for k, v in state_dict.items():
+        assert torch.equal(ours[k], v), k
+
+
+def load_without_backbone(model, state_dict):
+    """Loads converted official weights that hold no backbone (the fixtures): nothing unexpected,
+    nothing but ``backbone.*`` missing."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith("backbone.") for k in missing), [k for k in missing if not k.startswith("backbone.")]
+    return state_dict
+
+
+def build_loaded_model(path, build_cfg, convert):
+    """``(fixture, cfg, model, converted)``: the fixture at ``path``, our config of its ``config`` (by
+    ``build_cfg``), the model built from it (seed 0, eval mode) and loaded by ``load_without_backbone``
+    with ``converted = convert(state_dict, keep_all_classes=True)``."""
+    torch.manual_seed(0)
+    fx = load_fixture(path)
+    cfg = build_cfg(fx["config"])
+    model = build_model(cfg).eval()
+    converted = load_without_backbone(model, convert(fx["state_dict"], keep_all_classes=True))
+    return fx, cfg, model, converted
+
+
+def assert_convert_cli_roundtrip(tmp_path, pattern, tool, convert, args):
+    """The conversion CLI ``tools/<tool>.py`` (on ``sys.path``: conftest's ``tools_on_path``), run on an
+    official checkpoint file (``model``, ``args``, ``epoch``) of the first ``pattern`` fixture, writes
+    exactly ``convert(state_dict, keep_all_classes=True)``."""
+    files = fixture_files(pattern)
+    if not files:
+        pytest.skip(f"no {pattern} fixture")
+    cli = importlib.import_module(tool)
+    sd = load_fixture(files[0])["state_dict"]
+    src = tmp_path / "official.pth"
+    torch.save({"model": sd, "args": args, "epoch": 1}, src)
+    dst = tmp_path / "out" / "ours.pth"
+    cli.main([str(src), str(dst), "--keep-all-classes"])
+    out = torch.load(dst, weights_only=True)["model"]
+    ref = convert(sd, keep_all_classes=True)
+    assert list(out) == list(ref)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
 def tol(dtype):

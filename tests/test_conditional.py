@@ -9,29 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 
-from parity_common import fixture_files, load_fixture, parity_dir
+from parity_common import assert_convert_cli_roundtrip, parity_dir
 from smca_detr.checkpoint import coco_official_columns
 from smca_detr.checkpoint.conditional import convert_official_conditional_detr
-from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.transformers.conditional import ConditionalTransformer, HeadAttention
+from train_step_helpers import load_cfg, tiny_batch
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("tools_on_path")  # conftest.py: the conversion CLI
 CONFIGS = sorted((REPO / "configs").glob("conditional_detr*.yaml"))
 KEYS_FILE = "conditional_detr_full_model_keys.txt"
 COCO_TRAIN_IMAGES = 118287
-
-
-def load_cfg(path, opts=()):
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
 
 
 def official_keys(section="R50"):
@@ -120,29 +110,8 @@ def test_converter_rejects_unknown_keys_and_small_heads():
 
 
 def test_convert_cli_roundtrip(tmp_path):
-    files = fixture_files("conditional_detr_*.pt")
-    if not files:
-        pytest.skip("no conditional_detr fixture")
-    import convert_conditional_detr as cli  # tools/ on sys.path below
-
-    sd = load_fixture(files[0])["state_dict"]
-    src = tmp_path / "official.pth"
-    torch.save({"model": sd, "args": argparse.Namespace(hidden_dim=64), "epoch": 1}, src)
-    dst = tmp_path / "out" / "ours.pth"
-    cli.main([str(src), str(dst), "--keep-all-classes"])
-    out = torch.load(dst, weights_only=True)["model"]
-    ref = convert_official_conditional_detr(sd, keep_all_classes=True)
-    assert list(out) == list(ref)
-    assert all(torch.equal(out[k], ref[k]) for k in ref)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tools_on_path():
-    import sys
-
-    sys.path.insert(0, str(REPO / "tools"))
-    yield
-    sys.path.remove(str(REPO / "tools"))
+    assert_convert_cli_roundtrip(tmp_path, "conditional_detr_*.pt", "convert_conditional_detr",
+                                 convert_official_conditional_detr, argparse.Namespace(hidden_dim=64))
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -204,21 +173,6 @@ def small_cfg(path=REPO / "configs" / "conditional_detr_r50.yaml", extra=()):
         "MODEL.RESNETS.RES2_OUT_CHANNELS", 16, "MODEL.RESNETS.WIDTH_PER_GROUP", 4,
         "MODEL.RESNETS.STEM_OUT_CHANNELS", 8, "MODEL.SMCA_DETR.HIDDEN_DIM", 32,
         "MODEL.SMCA_DETR.DIM_FEEDFORWARD", 64, "MODEL.SMCA_DETR.NUM_QUERIES", 30, *extra])
-
-
-def tiny_batch(sizes=((96, 128), (80, 112)), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for h, w in sizes:
-        inst = Instances((h, w))
-        n = 3
-        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 4
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, 80, (n,), generator=g)
-        batch.append({"image": torch.rand(3, h, w, generator=g) * 255, "height": h, "width": w,
-                      "instances": inst})
-    return batch
 
 
 def test_decoder_structure_and_init():

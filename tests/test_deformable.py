@@ -5,40 +5,29 @@ test_parity_deformable.py."""
 import argparse
 import ast
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 
-from parity_common import fixture_files, load_fixture, parity_dir
+from parity_common import assert_convert_cli_roundtrip, parity_dir
 from smca_detr.checkpoint import coco_official_columns
 from smca_detr.checkpoint.deformable import convert_official_deformable_detr, official_layout
-from smca_detr.config import add_smca_detr_config
 from smca_detr.engine.optimizer import build_optimizer
 from smca_detr.modeling.backbone import image_padding_mask, resize_mask
 from smca_detr.modeling.transformers.deformable import DeformableTransformer
+from train_step_helpers import load_cfg, tiny_batch
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("tools_on_path")  # conftest.py: the conversion CLI
 CONFIG_DIR = REPO / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("deformable_detr_*.yaml"))
 KEYS_FILE = "deformable_detr_full_model_keys.txt"
 COCO_TRAIN_IMAGES = 118287
 VARIANT_CONFIG = {"plain": "deformable_detr_r50.yaml", "box_refine": "deformable_detr_r50_refine.yaml",
                   "two_stage": "deformable_detr_r50_two_stage.yaml"}
-
-
-def load_cfg(path, opts=()):
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
 
 
 # ------------------------------------------------------------------------------------ key listing
@@ -165,28 +154,9 @@ def test_converter_checks(listing):
                                           "class_embed.0.bias": torch.zeros(12)})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tools_on_path():
-    sys.path.insert(0, str(REPO / "tools"))
-    yield
-    sys.path.remove(str(REPO / "tools"))
-
-
 def test_convert_cli_roundtrip(tmp_path):
-    files = fixture_files("deformable_detr_small_two_stage.pt")
-    if not files:
-        pytest.skip("no deformable_detr_small_two_stage fixture")
-    import convert_deformable_detr as cli
-
-    sd = load_fixture(files[0])["state_dict"]
-    src = tmp_path / "official.pth"
-    torch.save({"model": sd, "args": argparse.Namespace(two_stage=True), "epoch": 1}, src)
-    dst = tmp_path / "out" / "ours.pth"
-    cli.main([str(src), str(dst), "--keep-all-classes"])
-    out = torch.load(dst, weights_only=True)["model"]
-    ref = convert_official_deformable_detr(sd, keep_all_classes=True)
-    assert list(out) == list(ref)
-    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert_convert_cli_roundtrip(tmp_path, "deformable_detr_small_two_stage.pt", "convert_deformable_detr",
+                                 convert_official_deformable_detr, argparse.Namespace(two_stage=True))
 
 
 # ------------------------------------------------------------------------------------ build checks
@@ -199,21 +169,6 @@ def small_cfg(path=CONFIG_DIR / "deformable_detr_r50.yaml", extra=()):
         "MODEL.SMCA_DETR.DIM_FEEDFORWARD", 64, "MODEL.SMCA_DETR.ENC_LAYERS", 2, "MODEL.SMCA_DETR.DEC_LAYERS", 2,
         "MODEL.SMCA_DETR.NUM_QUERIES", 20, "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS", 20,
         "MODEL.SMCA_DETR.DEFORMABLE.MSDA_IMPL", "pytorch", *extra])
-
-
-def tiny_batch(sizes=((96, 128), (80, 112)), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for h, w in sizes:
-        inst = Instances((h, w))
-        n = 3
-        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 4
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-        inst.gt_classes = torch.randint(0, 80, (n,), generator=g)
-        batch.append({"image": torch.rand(3, h, w, generator=g) * 255, "height": h, "width": w,
-                      "instances": inst})
-    return batch
 
 
 def test_two_stage_without_box_refine_is_refused():

@@ -32,43 +32,16 @@ from smca_detr.engine import (
 from smca_detr.engine import trainer as trainer_mod
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
+from train_step_helpers import NUM_CLASSES, TINY_R18_OPTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, VAL = "smca_engine_test_train", "smca_engine_test_val"
-NUM_CLASSES = 3
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
-TINY_OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.OUT_FEATURES", "['res5']",
-    "MODEL.SMCA_DETR.HIDDEN_DIM", "32",
-    "MODEL.SMCA_DETR.NHEADS", "4",
-    "MODEL.SMCA_DETR.ENC_LAYERS", "1",
-    "MODEL.SMCA_DETR.DEC_LAYERS", "1",
-    "MODEL.SMCA_DETR.DIM_FEEDFORWARD", "64",
-    "MODEL.SMCA_DETR.NUM_QUERIES", "5",
-    "MODEL.SMCA_DETR.NUM_CLASSES", str(NUM_CLASSES),
-    "MODEL.SMCA_DETR.DROPOUT", "0.0",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "64",
-    "INPUT.RANDOM_FLIP", "none",
-    "INPUT.DETR.CROP_ENABLED", "False",
-    "DATASETS.TRAIN", f"('{TRAIN}',)",
-    "DATASETS.TEST", "()",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.BASE_LR", "1e-3",
-    "SOLVER.MAX_ITER", "4",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "(3,)",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
-    "TEST.EVAL_PERIOD", "0",
-    "SEED", "0",
-]
+# the shared tiny R18 DETR, 1 decoder layer, trained 4 iterations (warm-up 2, LR step at 3, checkpoints every 2)
+TINY_OPTS = TINY_R18_OPTS + ["MODEL.SMCA_DETR.DEC_LAYERS", "1", "MODEL.SMCA_DETR.NUM_QUERIES", "5",
+                             "DATASETS.TRAIN", f"('{TRAIN}',)", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
+                             "SOLVER.STEPS", "(3,)", "SOLVER.CHECKPOINT_PERIOD", "2"]
 
 
 def make_cfg(output_dir="", extra=()):
@@ -76,14 +49,6 @@ def make_cfg(output_dir="", extra=()):
     add_smca_detr_config(cfg)
     cfg.merge_from_list(TINY_OPTS + ["OUTPUT_DIR", str(output_dir)] + list(extra))
     return cfg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and not slower for these tiny shapes
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,18 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
         with torch.no_grad():
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
+
+
+def test_fused_resnet_not_used_while_tracing():
+    cfg = _cfg(18, "FrozenBN", ["res3"], 8, name="build_slim_resnet_backbone")
+    body = build_backbone(cfg, ShapeSpec(channels=3)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+
+    def probe(t):
+        seen.append(fused_resnet_supported(body, t)[0])
+        return t.sum()
+
+    with torch.no_grad():
+        torch.jit.trace(probe, (x,), check_trace=False)
+    assert seen == [False]

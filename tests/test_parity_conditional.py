@@ -9,74 +9,32 @@ import math
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from parity_common import (assert_close, assert_indices_equal, assert_topk_close, fixture_params,
-                           load_fixture)
+from parity_common import (DETR_KEYS, assert_close, assert_indices_equal, assert_topk_close, build_loaded_model,
+                           cfg_from_fixture, fixture_params, load_fixture, stack_results, use_tiny_resnet)
 from smca_detr.checkpoint.conditional import convert_official_conditional_detr
-from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import resize_mask
 from smca_detr.modeling.position_encoding import sine_embed
 from smca_detr.modeling.transformers.common import flatten_level
 
 FIXTURES = fixture_params("conditional_detr_*.pt")
-_STAGE_OF_STRIDE = {4: "res2", 8: "res3", 16: "res4", 32: "res5"}
 
 
 def build_cfg_from_fixture(config):
     """Our config for a fixture ``config``: sizes, losses and matcher costs from the fixture; a tiny
     detectron2 ResNet whose single output level has the fixture's channels and stride (the parity
     tests bypass it, but the model is a complete detector)."""
-    cfg = add_smca_detr_config(get_cfg())
-    c = cfg.MODEL.SMCA_DETR
-    c.TRANSFORMER = "ConditionalTransformer"
-    c.CLASS_LOSS = "focal"
-    c.NUM_CLASSES = config["num_classes"]
-    c.HIDDEN_DIM = config["d_model"]
-    c.NHEADS = config["nhead"]
-    c.ENC_LAYERS = config["num_encoder_layers"]
-    c.DEC_LAYERS = config["num_decoder_layers"]
-    c.DIM_FEEDFORWARD = config["dim_feedforward"]
-    c.NUM_QUERIES = config["num_queries"]
-    c.DROPOUT = config["dropout"]
-    c.ACTIVATION = config["activation"]
-    c.PRE_NORM = config["normalize_before"]
-    c.DEEP_SUPERVISION = config["aux_loss"]
-    c.FOCAL_ALPHA = config["focal_alpha"]
-    c.COST_CLASS, c.COST_BBOX, c.COST_GIOU = (config["set_cost_class"], config["set_cost_bbox"],
-                                              config["set_cost_giou"])
-    c.CLASS_WEIGHT, c.L1_WEIGHT, c.GIOU_WEIGHT = (config["cls_loss_coef"], config["bbox_loss_coef"],
-                                                  config["giou_loss_coef"])
-    c.TEST_TOPK = 100
-    # detectron2 bottleneck ResNet: res_k has RES2_OUT_CHANNELS * stride / 4 channels.
-    stride, channels = config["backbone_stride"], config["backbone_channels"]
-    stage = _STAGE_OF_STRIDE[stride]
-    assert (channels * 4) % stride == 0, (channels, stride)
-    r = cfg.MODEL.RESNETS
-    r.DEPTH = 50
-    r.RES2_OUT_CHANNELS = channels * 4 // stride
-    r.STEM_OUT_CHANNELS = 8
-    r.WIDTH_PER_GROUP = 2
-    r.NORM = "FrozenBN"
-    r.OUT_FEATURES = [stage]
-    c.IN_FEATURES = [stage]
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+    cfg = cfg_from_fixture(config, "ConditionalTransformer", {**DETR_KEYS, "PRE_NORM": "normalize_before"})
+    cfg.MODEL.SMCA_DETR.TEST_TOPK = 100
+    return use_tiny_resnet(cfg, [config["backbone_stride"]], [config["backbone_channels"]])
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def case(request):
-    torch.manual_seed(0)
-    fx = load_fixture(request.param)
-    cfg = build_cfg_from_fixture(fx["config"])
-    model = build_model(cfg).eval()
+    fx, _, model, converted = build_loaded_model(request.param, build_cfg_from_fixture,
+                                                 convert_official_conditional_detr)
     model.transformer.record_intermediates = True
-    converted = convert_official_conditional_detr(fx["state_dict"], keep_all_classes=True)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith("backbone.") for k in missing), [k for k in missing if not k.startswith("backbone.")]
     # every official key was consumed, one to one
     assert len(converted) == len(fx["state_dict"])
     assert not any(k.startswith("backbone.") for k in fx["state_dict"])
@@ -201,9 +159,7 @@ def test_parity_conditional_postprocess(case):
     results = model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], sizes)
     k = fx["postprocess"]["scores"].shape[1]
     assert model.test_topk == k
-    scores = torch.stack([r.scores for r in results])
-    labels = torch.stack([r.pred_classes for r in results])
-    boxes = torch.stack([r.pred_boxes.tensor for r in results])
+    scores, labels, boxes = stack_results(results)
     assert_topk_close(scores, labels, boxes, fx["postprocess"])
 
 

@@ -11,84 +11,36 @@ import math
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from parity_common import (assert_close, assert_indices_equal, assert_topk_close, fixture_params,
-                           load_fixture)
+from parity_common import (DETR_KEYS, assert_close, assert_indices_equal, assert_topk_close, build_loaded_model,
+                           cfg_from_fixture, fixture_params, stack_results, use_tiny_resnet)
 from smca_detr.checkpoint.deformable import convert_official_deformable_detr, rename_official_deformable_key
-from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import resize_mask
 
 FIXTURES = fixture_params("deformable_detr_small_*.pt")
-_STAGE_OF_STRIDE = {4: "res2", 8: "res3", 16: "res4", 32: "res5"}
+# MODEL.SMCA_DETR key <- fixture ``config`` entry, for the variant switches (see parity_common.DETR_KEYS)
+DEFORMABLE_KEYS = {
+    "DEFORMABLE.NUM_FEATURE_LEVELS": "num_feature_levels", "DEFORMABLE.ENC_N_POINTS": "enc_n_points",
+    "DEFORMABLE.DEC_N_POINTS": "dec_n_points", "DEFORMABLE.WITH_BOX_REFINE": "with_box_refine",
+    "DEFORMABLE.TWO_STAGE": "two_stage", "DEFORMABLE.TWO_STAGE_NUM_PROPOSALS": "two_stage_num_proposals",
+}
 
 
 def build_cfg_from_fixture(config):
     """Our config for a fixture ``config``: sizes, variant switches, losses and matcher costs from
     the fixture; a tiny detectron2 ResNet whose output levels have the fixture's channels and
     strides (the parity tests bypass it, but the model is a complete detector)."""
-    cfg = add_smca_detr_config(get_cfg())
-    c = cfg.MODEL.SMCA_DETR
-    c.TRANSFORMER = "DeformableTransformer"
-    c.CLASS_LOSS = "focal"
-    c.NUM_CLASSES = config["num_classes"]
-    c.HIDDEN_DIM = config["d_model"]
-    c.NHEADS = config["nhead"]
-    c.ENC_LAYERS = config["num_encoder_layers"]
-    c.DEC_LAYERS = config["num_decoder_layers"]
-    c.DIM_FEEDFORWARD = config["dim_feedforward"]
-    c.NUM_QUERIES = config["num_queries"]
-    c.DROPOUT = config["dropout"]
-    c.ACTIVATION = config["activation"]
-    c.DEEP_SUPERVISION = config["aux_loss"]
-    c.FOCAL_ALPHA = config["focal_alpha"]
-    c.COST_CLASS, c.COST_BBOX, c.COST_GIOU = (config["set_cost_class"], config["set_cost_bbox"],
-                                              config["set_cost_giou"])
-    c.CLASS_WEIGHT, c.L1_WEIGHT, c.GIOU_WEIGHT = (config["cls_loss_coef"], config["bbox_loss_coef"],
-                                                  config["giou_loss_coef"])
-    c.TEST_TOPK = 100
-    d = c.DEFORMABLE
-    d.NUM_FEATURE_LEVELS = config["num_feature_levels"]
-    d.ENC_N_POINTS = config["enc_n_points"]
-    d.DEC_N_POINTS = config["dec_n_points"]
-    d.WITH_BOX_REFINE = config["with_box_refine"]
-    d.TWO_STAGE = config["two_stage"]
-    d.TWO_STAGE_NUM_PROPOSALS = config["two_stage_num_proposals"]
-    d.MSDA_IMPL = "pytorch"
-    # detectron2 bottleneck ResNet: res_k has RES2_OUT_CHANNELS * stride / 4 channels.
-    strides, channels = list(config["backbone_strides"]), list(config["backbone_channels"])
-    r = cfg.MODEL.RESNETS
-    r.DEPTH = 50
-    r.RES2_OUT_CHANNELS = channels[0] * 4 // strides[0]
-    for s, ch in zip(strides, channels):
-        assert r.RES2_OUT_CHANNELS * s // 4 == ch, (strides, channels)
-    r.STEM_OUT_CHANNELS = 8
-    r.WIDTH_PER_GROUP = 2
-    r.NORM = "FrozenBN"
-    r.OUT_FEATURES = [_STAGE_OF_STRIDE[s] for s in strides]
-    c.IN_FEATURES = list(r.OUT_FEATURES)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
-
-
-def load_converted(model, state_dict):
-    """Strict load of the converted official weights (the fixtures hold no backbone)."""
-    converted = convert_official_deformable_detr(state_dict, keep_all_classes=True)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith("backbone.") for k in missing), [k for k in missing if not k.startswith("backbone.")]
-    return converted
+    cfg = cfg_from_fixture(config, "DeformableTransformer", {**DETR_KEYS, **DEFORMABLE_KEYS})
+    cfg.MODEL.SMCA_DETR.TEST_TOPK = 100
+    cfg.MODEL.SMCA_DETR.DEFORMABLE.MSDA_IMPL = "pytorch"
+    return use_tiny_resnet(cfg, list(config["backbone_strides"]), list(config["backbone_channels"]))
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def case(request):
-    torch.manual_seed(0)
-    fx = load_fixture(request.param)
-    cfg = build_cfg_from_fixture(fx["config"])
-    model = build_model(cfg).eval()
-    converted = load_converted(model, fx["state_dict"])
+    fx, cfg, model, converted = build_loaded_model(request.param, build_cfg_from_fixture,
+                                                   convert_official_deformable_detr)
     # every official key was consumed: one converted key per official key, aliases excepted
     aliases = sum(len(group) - 1 for group in fx["tied_state_dict_keys"])
     assert len(converted) == len(fx["state_dict"]) - aliases
@@ -232,9 +184,7 @@ def test_parity_deformable_postprocess(case):
     fx, _, model, out = case
     sizes = [tuple(s) for s in fx["inputs"]["orig_target_sizes"].tolist()]
     results = model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], sizes)
-    scores = torch.stack([r.scores for r in results])
-    labels = torch.stack([r.pred_classes for r in results])
-    boxes = torch.stack([r.pred_boxes.tensor for r in results])
+    scores, labels, boxes = stack_results(results)
     assert scores.shape == fx["postprocess"]["scores"].shape
     assert_topk_close(scores, labels, boxes, fx["postprocess"])
 

@@ -10,90 +10,26 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
+from detectron2.modeling import build_model
 
-from parity_common import (assert_close, assert_indices_equal, assert_topk_close, fixture_params, load_fixture,
-                           tol)
+from parity_common import (SMCA_DEFAULTS, SMCA_KEYS, assert_close, assert_indices_equal, assert_loads_strictly,
+                           assert_topk_close, cached_fixture, cfg_from_fixture, fixture_params, fixture_targets,
+                           official_gaussian_bias, stack_results, tol, use_stub_backbone)
 from smca_detr.checkpoint.smca import convert_official_smca
-from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import image_padding_mask
 
 PATTERN = "smca_single_*.pt"
 FIXTURES = fixture_params(PATTERN)
-_STUB = "SmcaParityStubBackbone"
-
-
-if _STUB not in BACKBONE_REGISTRY._obj_map:
-    @BACKBONE_REGISTRY.register()
-    class SmcaParityStubBackbone(Backbone):
-        """Parity runs bypass the backbone (``forward_from_features``); this parameter-free stub only
-        declares the fixture's level (channels, stride) from MODEL.RESNETS.RES2_OUT_CHANNELS /
-        RES5_DILATION, so the converted official state dict loads with ``strict=True``."""
-
-        def __init__(self, cfg, input_shape):
-            super().__init__()
-            self._channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
-            self._stride = cfg.MODEL.RESNETS.RES5_DILATION
-
-        def forward(self, x):
-            x = F.avg_pool2d(x, self._stride)
-            return {"res5": x.mean(1, keepdim=True).expand(-1, self._channels, -1, -1)}
-
-        def output_shape(self):
-            return {"res5": ShapeSpec(channels=self._channels, stride=self._stride)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits when other
-    processes share the cores (2 threads made these tests ~10x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def config_from_fixture(c):
-    """Our config from the fixture's ``config`` dict (nothing hard-coded)."""
-    cfg = add_smca_detr_config(get_cfg())
-    m = cfg.MODEL.SMCA_DETR
-    m.TRANSFORMER = "SMCATransformer"
-    m.HIDDEN_DIM = c["d_model"]
-    m.NHEADS = c["nheads"]
-    m.DIM_FEEDFORWARD = c["dim_feedforward"]
-    m.ENC_LAYERS = c["num_encoder_layers"]
-    m.DEC_LAYERS = c["num_decoder_layers"]
-    m.NUM_QUERIES = c["num_queries"]
-    m.NUM_CLASSES = c["num_logits"]  # keep-all conversion: every official column is a focal logit
-    m.DROPOUT = c["dropout"]
-    m.ACTIVATION = c.get("activation", "relu")
-    m.PRE_NORM = c["normalize_before"]
-    m.DEEP_SUPERVISION = c["aux_loss"]
-    m.CLASS_LOSS = "focal"
-    m.SMCA.DYNAMIC_SCALE = c["dynamic_scale"]
-    m.SMCA.SMOOTH = c["smooth"]
-    m.POS_TEMPERATURE = c["position_encoding"]["temperature"]
-    mt, lw = c["matcher"], c["loss"]["weight_dict"]
-    m.COST_CLASS, m.COST_BBOX, m.COST_GIOU = mt["cost_class"], mt["cost_bbox"], mt["cost_giou"]
-    m.FOCAL_ALPHA, m.FOCAL_GAMMA = c["loss"]["focal_alpha"], c["loss"]["focal_gamma"]
-    m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT = lw["loss_ce"], lw["loss_bbox"], lw["loss_giou"]
-    m.TEST_TOPK = c["postprocess_topk"]
+    """Our config from the fixture's ``config`` dict (nothing hard-coded); the stub backbone declares
+    the fixture's single level."""
+    cfg = cfg_from_fixture(c, "SMCATransformer", SMCA_KEYS, SMCA_DEFAULTS)
     assert len(c["backbone_level_channels"]) == 1 and len(c["feature_strides"]) == 1
-    cfg.MODEL.BACKBONE.NAME = _STUB
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c["backbone_level_channels"][0]
-    cfg.MODEL.RESNETS.RES5_DILATION = c["feature_strides"][0]
-    m.IN_FEATURES = ["res5"]
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
-
-
-@functools.lru_cache(maxsize=None)
-def _fixture(path):
-    return load_fixture(path)
+    return use_stub_backbone(cfg, ["res5"], c["backbone_level_channels"], c["feature_strides"])
 
 
 def _sizes(t):
@@ -110,7 +46,7 @@ def _image_mask(inp):
 @functools.lru_cache(maxsize=None)
 def _run(path, dtype_name: str, record: bool):
     """Our model on the fixture's inputs: (model, outputs dict)."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     dtype = getattr(torch, dtype_name)
     model = build_model(config_from_fixture(fx["config"]))
     model.load_state_dict(convert_official_smca(fx["state_dict"], keep_all_classes=True), strict=True)
@@ -125,23 +61,15 @@ def _run(path, dtype_name: str, record: bool):
 
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_conversion_loads_strictly(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = build_model(config_from_fixture(fx["config"]))
-    sd = convert_official_smca(fx["state_dict"], keep_all_classes=True)
-    ours = model.state_dict()
-    assert sorted(sd) == sorted(ours), set(sd) ^ set(ours)
-    for k, v in sd.items():
-        assert v.shape == ours[k].shape, k
-    model.load_state_dict(sd, strict=True)
     # every official value ends up in the model, unchanged
-    ours = model.state_dict()
-    for k, v in sd.items():
-        assert torch.equal(ours[k], v), k
+    assert_loads_strictly(model, convert_official_smca(fx["state_dict"], keep_all_classes=True))
 
 
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_masks_and_position_encoding(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     inp = fx["inputs"]
     mask = image_padding_mask(_sizes(inp["image_sizes"]), tuple(inp["padded_image_size"]))
     if "image_mask" in inp:
@@ -159,15 +87,9 @@ def test_parity_masks_and_position_encoding(path):
     assert inp["h_w"][0].tolist() == [[w, h] for h, w in inp["image_sizes"].tolist()]
 
 
-def _official_bias(gaussian, b, m):
-    """Official ``[Q, HW, B*M]`` (index b*M + head) -> ours ``[B, M, Q, HW]``."""
-    q, s, _ = gaussian.shape
-    return gaussian.view(q, s, b, m).permute(2, 3, 0, 1)
-
-
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_smca_intermediates(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     c, it = fx["config"], fx["intermediates"]
     model, out = _run(path, "float32", True)
     ex = out["extras"]
@@ -184,7 +106,7 @@ def test_parity_smca_intermediates(path):
         elif c["dynamic_scale"] == "type1":
             assert p + "scale_raw" not in ex
         if p + "gaussian" in it:
-            assert_close(ex[p + "gaussian"], _official_bias(it[p + "gaussian"], b, m), p + "gaussian")
+            assert_close(ex[p + "gaussian"], official_gaussian_bias(it[p + "gaussian"], b, m), p + "gaussian")
         for name in ("out", "cross_attn_out"):
             if p + name in it:
                 assert_close(ex[p + name], it[p + name].transpose(0, 1), p + name)
@@ -202,7 +124,7 @@ def test_parity_smca_intermediates(path):
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_parity_outputs(path, dtype_name):
     """The production path (SDPA, no recording) against the official outputs of the same precision."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     key = "outputs" if dtype_name == "float32" else "outputs_float64"
     model, out = _run(path, dtype_name, False)
     dtype = getattr(torch, dtype_name)
@@ -218,18 +140,14 @@ def test_parity_outputs(path, dtype_name):
             assert_close(ex["hs"], it["hs"], "float64 hs", dtype)
 
 
-def _targets(fx):
-    return [{"labels": t["labels"], "boxes": t["boxes"]} for t in fx["inputs"]["targets"]]
-
-
 @pytest.mark.parametrize("path", FIXTURES)
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_parity_losses_and_matching(path, dtype_name):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     dtype = getattr(torch, dtype_name)
     suffix = "" if dtype == torch.float32 else "_float64"
     model, out = _run(path, dtype_name, False)
-    targets = [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in t.items()} for t in _targets(fx)]
+    targets = [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in t.items()} for t in fixture_targets(fx)]
     losses, indices = model.criterion.compute(out, targets)
     ref = fx["losses" + suffix]["unweighted"]
     assert set(ref) <= set(losses), set(ref) - set(losses)  # ours also logs class_error_i (aux layers)
@@ -257,13 +175,11 @@ def test_parity_losses_and_matching(path, dtype_name):
 
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_postprocess(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model, out = _run(path, "float32", False)
     sizes = _sizes(fx["inputs"]["orig_target_sizes"])
     assert model.test_topk == fx["config"]["postprocess_topk"]
     res = model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], sizes)
-    scores = torch.stack([r.scores for r in res])
-    labels = torch.stack([r.pred_classes for r in res])
-    boxes = torch.stack([r.pred_boxes.tensor for r in res])
+    scores, labels, boxes = stack_results(res)
     assert scores.shape == fx["postprocess"]["scores"].shape
     assert_topk_close(scores, labels, boxes, fx["postprocess"])

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-from parity_common import (assert_close, assert_indices_equal, assert_topk_close, fixture_params, load_fixture,
-                           parity_dir, tol)
+from parity_common import (SMCA_DEFAULTS, SMCA_KEYS, assert_close, assert_indices_equal, assert_loads_strictly,
+                           assert_topk_close, cached_fixture, cfg_from_fixture, fixture_params, fixture_targets,
+                           official_gaussian_bias, parity_dir, stack_results, tol, use_stub_backbone)
 from smca_detr.checkpoint.smca_multiscale import convert_official_smca_multiscale
 from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import image_padding_mask
@@ -42,67 +41,16 @@ def _keys_file():
         if (d / KEYS_NAME).exists():
             return d / KEYS_NAME
     return None
-_STUB = "SmcaMultiScaleParityStubBackbone"
 _LEVELS = ["res3", "res4", "res5"]
 
 
-if _STUB not in BACKBONE_REGISTRY._obj_map:
-    @BACKBONE_REGISTRY.register()
-    class SmcaMultiScaleParityStubBackbone(Backbone):
-        """Parameter-free stub declaring the fixture's levels (channels, strides from
-        MODEL.PARITY_STUB); parity runs bypass it with ``forward_from_features``."""
-
-        def __init__(self, cfg, input_shape):
-            super().__init__()
-            self._shapes = {n: ShapeSpec(channels=c, stride=s) for n, c, s in
-                            zip(_LEVELS, cfg.MODEL.PARITY_STUB.CHANNELS, cfg.MODEL.PARITY_STUB.STRIDES)}
-
-        def forward(self, x):
-            raise NotImplementedError("parity runs use forward_from_features")
-
-        def output_shape(self):
-            return dict(self._shapes)
-
-
 def config_from_fixture(c):
-    """Our config from the fixture's ``config`` dict (nothing hard-coded)."""
-    cfg = add_smca_detr_config(get_cfg())
-    m = cfg.MODEL.SMCA_DETR
-    m.TRANSFORMER = "SMCAConvMultiScaleTransformer"
-    m.HIDDEN_DIM = c["d_model"]
-    m.NHEADS = c["nheads"]
-    m.DIM_FEEDFORWARD = c["dim_feedforward"]
-    m.ENC_LAYERS = c["num_encoder_layers"]
-    m.DEC_LAYERS = c["num_decoder_layers"]
-    m.NUM_QUERIES = c["num_queries"]
-    m.NUM_CLASSES = c["num_logits"]  # keep-all conversion: every official column is a focal logit
-    m.DROPOUT = c["dropout"]
-    m.ACTIVATION = c.get("activation", "relu")
-    m.PRE_NORM = c["normalize_before"]
-    m.DEEP_SUPERVISION = c["aux_loss"]
-    m.CLASS_LOSS = "focal"
-    m.SMCA.DYNAMIC_SCALE = c["dynamic_scale"]
-    m.SMCA.SMOOTH = c["smooth"]
-    m.POS_TEMPERATURE = c["position_encoding"]["temperature"]
-    mt, lw = c["matcher"], c["loss"]["weight_dict"]
-    m.COST_CLASS, m.COST_BBOX, m.COST_GIOU = mt["cost_class"], mt["cost_bbox"], mt["cost_giou"]
-    m.FOCAL_ALPHA, m.FOCAL_GAMMA = c["loss"]["focal_alpha"], c["loss"]["focal_gamma"]
-    m.CLASS_WEIGHT, m.L1_WEIGHT, m.GIOU_WEIGHT = lw["loss_ce"], lw["loss_bbox"], lw["loss_giou"]
-    m.TEST_TOPK = c["postprocess_topk"]
+    """Our config from the fixture's ``config`` dict (nothing hard-coded); the stub backbone declares
+    the fixture's backbone levels."""
+    cfg = cfg_from_fixture(c, "SMCAConvMultiScaleTransformer", SMCA_KEYS, SMCA_DEFAULTS)
     n = len(c["backbone_level_channels"])
     assert n == len(_LEVELS) and len(c["feature_strides"]) == n + 1  # 3 backbone levels + the extra one
-    cfg.MODEL.BACKBONE.NAME = _STUB
-    cfg.MODEL.PARITY_STUB = CN()
-    cfg.MODEL.PARITY_STUB.CHANNELS = list(c["backbone_level_channels"])
-    cfg.MODEL.PARITY_STUB.STRIDES = list(c["feature_strides"][:n])
-    m.IN_FEATURES = _LEVELS[:n]
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
-
-
-@functools.lru_cache(maxsize=None)
-def _fixture(path):
-    return load_fixture(path)
+    return use_stub_backbone(cfg, _LEVELS[:n], c["backbone_level_channels"], c["feature_strides"][:n])
 
 
 def _sizes(fx):
@@ -116,7 +64,7 @@ def _image_mask(fx):
 
 @functools.lru_cache(maxsize=None)
 def _model(path, dtype_name="float32"):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = build_model(config_from_fixture(fx["config"]))
     model.load_state_dict(convert_official_smca_multiscale(fx["state_dict"], keep_all_classes=True), strict=True)
     return model.eval().to(getattr(torch, dtype_name))
@@ -139,30 +87,23 @@ def _forward(model, fx, dtype, record=False, index=None):
 
 @functools.lru_cache(maxsize=None)
 def _run(path, dtype_name: str, record: bool):
-    return _forward(_model(path, dtype_name), _fixture(path), getattr(torch, dtype_name), record)
+    return _forward(_model(path, dtype_name), cached_fixture(path), getattr(torch, dtype_name), record)
 
 
 # ------------------------------------------------------------------ weights
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_conversion_loads_strictly(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = build_model(config_from_fixture(fx["config"]))
     sd = convert_official_smca_multiscale(fx["state_dict"], keep_all_classes=True)
-    ours = model.state_dict()
-    assert sorted(sd) == sorted(ours), set(sd) ^ set(ours)
     assert len(sd) == len(fx["state_dict"])  # every official key consumed, none invented
-    for k, v in sd.items():
-        assert v.shape == ours[k].shape, k
-    model.load_state_dict(sd, strict=True)
-    ours = model.state_dict()
-    for k, v in sd.items():
-        assert torch.equal(ours[k], v), k
+    assert_loads_strictly(model, sd)
 
 
 # ------------------------------------------------------------------ inputs of the transformer
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_masks_and_position_encoding(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     inp, it = fx["inputs"], fx["intermediates"]
     if "image_mask" in inp:
         assert torch.equal(_image_mask(fx), inp["image_mask"])
@@ -184,7 +125,7 @@ def test_parity_multiscale_masks_and_position_encoding(path):
 
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_encoder(path):
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     it = fx["intermediates"]
     ex = _run(path, "float32", True)["extras"]
     n = len(fx["config"]["feature_strides"])
@@ -197,17 +138,11 @@ def test_parity_multiscale_encoder(path):
     assert compared >= n - 1
 
 
-def _official_bias(gaussian, b, m):
-    """Official ``[Q, S, B*M]`` (index b*M + head) -> ours ``[B, M, Q, S]``."""
-    q, s, _ = gaussian.shape
-    return gaussian.view(q, s, b, m).permute(2, 3, 0, 1)
-
-
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_decoder_intermediates(path):
     """Layer 0's heads and Gaussian for both images (unaffected by the official batch bug); every
     later intermediate for image 0 only."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     c, it = fx["config"], fx["intermediates"]
     ex = _run(path, "float32", True)["extras"]
     b, m, q = fx["inputs"]["image_sizes"].shape[0], c["nheads"], c["num_queries"]
@@ -220,7 +155,7 @@ def test_parity_multiscale_decoder_intermediates(path):
             ref = it[f"dec.{l}.{name}"].transpose(0, 1)
             assert_close(ex[f"dec.{l}.{name}"][imgs], ref[imgs], f"dec.{l}.{name}")
         if f"dec.{l}.gaussian" in it:
-            ref = _official_bias(it[f"dec.{l}.gaussian"], b, m)
+            ref = official_gaussian_bias(it[f"dec.{l}.gaussian"], b, m)
             assert_close(ex[f"dec.{l}.gaussian"][imgs], ref[imgs], f"dec.{l}.gaussian")
         if f"dec.{l}.out" in it:
             assert_close(ex[f"dec.{l}.out"][:1], it[f"dec.{l}.out"].transpose(0, 1)[:1], f"dec.{l}.out")
@@ -240,7 +175,7 @@ def _transformer_inputs(fx, dtype):
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
 def test_parity_multiscale_outputs_per_image(path, dtype_name):
     """The production path (no recording) against each image run alone by the official code."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     dtype = getattr(torch, dtype_name)
     key = "outputs_per_image" if dtype == torch.float32 else "outputs_float64_per_image"
     out = _run(path, dtype_name, False)
@@ -261,7 +196,7 @@ def test_parity_multiscale_outputs_per_image(path, dtype_name):
 def test_parity_multiscale_batch_equals_each_image_alone(path):
     """Our batched run equals each image run alone (same padded size): the scale-selection weights
     of one image never reach another; image sizes read off the mask give the same result."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = _model(path)
     full = _run(path, "float32", False)
     for i in range(len(_sizes(fx))):
@@ -275,17 +210,13 @@ def test_parity_multiscale_batch_equals_each_image_alone(path):
 
 
 # ------------------------------------------------------------------ criterion / matcher / post-processing
-def _targets(fx):
-    return [{"labels": t["labels"], "boxes": t["boxes"]} for t in fx["inputs"]["targets"]]
-
-
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_losses_and_matching(path):
     """Our criterion and matcher on the fixture's own (official batched) outputs."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = _model(path)
     outputs = {k: v for k, v in fx["outputs"].items()}
-    losses, indices = model.criterion.compute(outputs, _targets(fx))
+    losses, indices = model.criterion.compute(outputs, fixture_targets(fx))
     ref = fx["losses"]["unweighted"]
     # the official criterion logs class_error for the final layer only; ours also per aux layer
     assert set(ref) <= set(losses) and all(k.startswith("class_error_") for k in set(losses) - set(ref))
@@ -305,14 +236,12 @@ def test_parity_multiscale_losses_and_matching(path):
 @pytest.mark.parametrize("path", FIXTURES)
 def test_parity_multiscale_postprocess(path):
     """Our top-k post-processing (K = the fixture's 500) on the fixture's own final outputs."""
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     model = _model(path)
     assert model.test_topk == fx["config"]["postprocess_topk"]
     sizes = [tuple(int(v) for v in s) for s in fx["inputs"]["orig_target_sizes"]]
     res = model.inference(fx["outputs"]["pred_logits"][-1], fx["outputs"]["pred_boxes"][-1], sizes)
-    scores = torch.stack([r.scores for r in res])
-    labels = torch.stack([r.pred_classes for r in res])
-    boxes = torch.stack([r.pred_boxes.tensor for r in res])
+    scores, labels, boxes = stack_results(res)
     assert scores.shape == fx["postprocess"]["scores"].shape
     assert_topk_close(scores, labels, boxes, fx["postprocess"])
 
@@ -366,7 +295,7 @@ def test_parity_multiscale_converter_files_detection_and_errors(path, tmp_path):
     from smca_detr.checkpoint.common import coco_official_columns
     from smca_detr.checkpoint.smca import convert_official_smca, detect_smca_kind
 
-    fx = _fixture(path)
+    fx = cached_fixture(path)
     official = fx["state_dict"]
     ref = convert_official_smca_multiscale(official, keep_all_classes=True)
     f = tmp_path / "official.pth"

@@ -58,42 +58,15 @@ from smca_detr.engine.checkpoint_compat import CheckpointMismatchError
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
 from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
+from train_step_helpers import NUM_CLASSES, TINY_R18_OPTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 3
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
-TINY = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.OUT_FEATURES", "['res5']",
-    "MODEL.SMCA_DETR.HIDDEN_DIM", "32",
-    "MODEL.SMCA_DETR.NHEADS", "4",
-    "MODEL.SMCA_DETR.ENC_LAYERS", "1",
-    "MODEL.SMCA_DETR.DEC_LAYERS", "2",
-    "MODEL.SMCA_DETR.DIM_FEEDFORWARD", "64",
-    "MODEL.SMCA_DETR.NUM_QUERIES", "6",
-    "MODEL.SMCA_DETR.NUM_CLASSES", str(NUM_CLASSES),
-    "MODEL.SMCA_DETR.DROPOUT", "0.0",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "64",
-    "INPUT.RANDOM_FLIP", "none",
-    "INPUT.DETR.CROP_ENABLED", "False",
-    "DATASETS.TRAIN", "()",
-    "DATASETS.TEST", "()",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.BASE_LR", "1e-3",
-    "SOLVER.MAX_ITER", "3",
-    "SOLVER.STEPS", "()",
-    "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "TEST.EVAL_PERIOD", "0",
-    "SEED", "0",
-]
+# the shared tiny R18 DETR, 2 decoder layers, 3 iterations at a constant LR, no periodic checkpoint
+TINY = TINY_R18_OPTS + ["MODEL.SMCA_DETR.DEC_LAYERS", "2", "MODEL.SMCA_DETR.NUM_QUERIES", "6", "DATASETS.TRAIN", "()",
+                        "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
+                        "SOLVER.CHECKPOINT_PERIOD", "100000"]
 FOCAL = ["MODEL.SMCA_DETR.CLASS_LOSS", "focal"]
 MS2 = ["MODEL.RESNETS.OUT_FEATURES", "['res4','res5']", "MODEL.SMCA_DETR.IN_FEATURES", "['res4','res5']"]
 MS3 = ["MODEL.RESNETS.OUT_FEATURES", "['res3','res4','res5']", "MODEL.SMCA_DETR.IN_FEATURES", "['res3','res4','res5']"]
@@ -127,14 +100,6 @@ def make_cfg(extra=(), family="DETRTransformer", output_dir=""):
 def build(cfg, seed=0):
     seed_all_rng(seed)
     return Trainer.build_model(cfg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from smca_detr.modeling.transformers.smca import (SCALE_CHANNELS, SMCATransforme
                                                   smca_cross_attention, smca_gaussian_bias)
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 CONFIG_DIR = REPO / "configs"
 KEYS_NAME = "smca_official_keys_single_scale_r50_type3.txt"
 
@@ -32,16 +33,6 @@ SHRINK = [
     "MODEL.SMCA_DETR.HIDDEN_DIM", 32, "MODEL.SMCA_DETR.NHEADS", 4, "MODEL.SMCA_DETR.DIM_FEEDFORWARD", 64,
     "MODEL.SMCA_DETR.ENC_LAYERS", 1, "MODEL.SMCA_DETR.DEC_LAYERS", 2, "MODEL.SMCA_DETR.NUM_QUERIES", 12,
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP spin-waits when other
-    processes share the cores (2 threads made these tests ~10x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load_cfg(path, opts=()):

@@ -37,6 +37,7 @@ from smca_detr.utils.visualize import attention_maps, grid_size, render_attentio
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL = "smca_tools_test_train", "smca_tools_test_val"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 # tiny widths on top of any shipped config (depth, levels, variant and recipe stay the file's)
 TINY = [
@@ -56,14 +57,6 @@ DATA = [
 FAMILIES = {"smca": ("smca_r50", "SMCATransformer"),
             "conditional": ("conditional_detr_r50", "ConditionalTransformer"),
             "deformable": ("deformable_detr_r50", "DeformableTransformer")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _load_tool(name):
@@ -517,3 +510,269 @@ def test_benchmark_tool_smoke(tiny_dataset, tmp_path):
     row = json.load(open(out))["rows"][0]
     assert row == results["rows"][0] and row["precision"] == "fp32"
     assert row["train_s_per_iter"] > 0 and row["eval_images_per_s"] > 0 and np.isfinite(row["train_last_loss"])
+
+
+# ------------------------------------------------------------------------------- converter CLI
+
+
+def _fake_conditional_checkpoint(path, rows=91):
+    """An official-looking Conditional DETR file: class head (row i filled with i) + one backbone key."""
+    sd = {"class_embed.weight": torch.arange(float(rows)).repeat_interleave(4).view(rows, 4),
+          "class_embed.bias": torch.arange(float(rows)),
+          "backbone.0.body.conv1.weight": torch.ones(8, 3, 7, 7)}
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
+    return sd
+
+
+def test_converter_cli_helper(tmp_path, capsys):
+    from smca_detr.checkpoint.cli import build_parser, run_converter
+    from smca_detr.checkpoint.common import coco_official_columns
+    from smca_detr.checkpoint.conditional import convert_official_conditional_detr
+
+    src, dst = tmp_path / "official.pth", tmp_path / "new" / "ours.pth"
+    _fake_conditional_checkpoint(src)
+    assert run_converter("conditional", convert_official_conditional_detr, [str(src), str(dst)]) == 0
+    out = safe_torch_load(dst)
+    assert out["__author__"] == "smca_detr convert_conditional_detr" and out["matching_heuristics"] is False
+    assert list(out["model"]) == ["heads.class_embed.weight", "heads.class_embed.bias",
+                                  "backbone.body.stem.conv1.weight"]
+    assert out["model"]["heads.class_embed.bias"].tolist() == [float(c) for c in coco_official_columns()]
+    assert capsys.readouterr().out.strip() == f"wrote {dst}: 3 tensors, 80 class logits"
+
+    # the tool is a thin wrapper with the same command line; a small head needs --keep-all-classes
+    tool = _load_tool("convert_conditional_detr")
+    small, dst2 = tmp_path / "small.pth", tmp_path / "small_out.pth"
+    _fake_conditional_checkpoint(small, rows=12)
+    with pytest.raises(ValueError, match="91-row head"):
+        tool.main([str(small), str(dst2)])
+    assert not dst2.exists()
+    assert tool.main([str(small), str(dst2), "--keep-all-classes"]) == 0
+    assert safe_torch_load(dst2)["model"]["heads.class_embed.weight"].shape == (12, 4)
+    with pytest.raises(KeyError, match="unknown converter family"):
+        run_converter("detr", convert_official_conditional_detr, [str(src), str(dst)])
+
+    # per-family options: --config/--opts verify (conditional, deformable), --kind (smca)
+    def options(family):
+        return {o for a in build_parser(family)._actions for o in a.option_strings}
+
+    assert {"--keep-all-classes", "--config", "--opts"} <= options("deformable") and "--kind" not in options("deformable")
+    assert "--kind" in options("smca") and "--config" not in options("smca")
+
+
+# ----------------------------------------------------------------------------------- images
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    from smca_detr.utils.images import ImageNotFoundError, ImageReadError, read_image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(_image(30, 40)).save(good)
+    assert np.array_equal(read_image(good), _image(30, 40))
+    assert np.array_equal(read_image(str(good), format="BGR"), _image(30, 40)[:, :, ::-1])
+
+    garbage = tmp_path / "corrupt_file.png"
+    garbage.write_bytes(b"not an image at all")
+    with pytest.raises(ImageReadError, match="corrupt_file.png"):
+        read_image(garbage)
+    truncated = tmp_path / "truncated_file.png"
+    truncated.write_bytes(good.read_bytes()[:120])
+    with pytest.raises(ImageReadError, match="truncated_file.png"):
+        read_image(truncated)
+    with pytest.raises(ImageNotFoundError, match="missing_file.png") as info:
+        read_image(tmp_path / "missing_file.png")
+    assert isinstance(info.value, FileNotFoundError)
+
+    # both tools read through it: the corrupt file is named (visualize_attention before building a model)
+    tool = _load_tool("visualize_attention")
+    with pytest.raises(ImageReadError, match="corrupt_file.png"):
+        tool.main(["--config-file", "smca_r50", "--input", str(garbage), "--output", str(tmp_path / "a.png"),
+                   "--opts", *TINY])
+    demo = _load_tool("demo")
+    with pytest.raises(ImageReadError, match="corrupt_file.png"):
+        demo.main(["--config-file", "smca_r50", "--input", str(garbage), "--output", str(tmp_path / "out"),
+                   "--opts", *TINY])
+
+
+# ------------------------------------------------------------------------------ speed helpers
+
+
+def test_speed_module_imports_torchvision_lazily():
+    """torchvision is imported inside reference_backbone only (not at the module's import)."""
+    import ast
+
+    from smca_detr.utils import speed
+
+    tree = ast.parse(Path(speed.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert names and not [n for n in names if n.split(".")[0] in ("torchvision", "detectron2", "smca_detr")], names
+
+
+def test_frozen_batchnorm_is_eval_batchnorm():
+    from smca_detr.utils.speed import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(0)
+    frozen, bn = FrozenBatchNorm2d(6), torch.nn.BatchNorm2d(6).eval()
+    for name in ("weight", "bias", "running_mean"):
+        value = torch.randn(6, generator=g)
+        getattr(frozen, name).copy_(value)
+        getattr(bn, name).data.copy_(value)
+    var = torch.rand(6, generator=g) + 0.1
+    frozen.running_var.copy_(var)
+    bn.running_var.copy_(var)
+    assert not list(frozen.parameters()) and len(list(frozen.buffers())) == 4
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_backbone_seconds_small():
+    from smca_detr.utils import speed
+
+    body = speed.reference_backbone()
+    assert len(body) == 8 and not body.training  # conv1, bn1, relu, maxpool, layer1..layer4
+    norms = [m for m in body.modules() if "Norm" in type(m).__name__]
+    assert len(norms) == 53 and all(isinstance(m, speed.FrozenBatchNorm2d) for m in norms)
+    with torch.no_grad():
+        assert body(torch.zeros(1, 3, 64, 64)).shape == (1, 2048, 2, 2)
+    before = torch.get_num_threads()
+    t = speed.reference_backbone_seconds(threads=1, iters=1, hw=(64, 64))
+    assert 0 < t < 5 and torch.get_num_threads() == before
+
+
+def test_time_fn_warmup_iters_and_statistics():
+    from smca_detr.utils import speed
+
+    calls = []
+    t = speed.time_fn(lambda: calls.append(1), iters=3, warmup=2, stat="min",
+                      before_each=lambda: calls.append(0))
+    assert calls == [1, 1, 0, 1, 0, 1, 0, 1]  # 2 warm-up calls, then the hook before each timed call
+    assert len(t.walls) == len(t.cpus) == 3 and t.seconds == min(t.walls) and t.cpu_seconds == min(t.cpus)
+    m = speed.time_fn(lambda: None, iters=4, warmup=0, stat="median")
+    assert m.seconds == float(np.median(m.walls))
+    with pytest.raises(ValueError, match="iters"):
+        speed.time_fn(lambda: None, iters=0)
+
+
+def test_speed_model_inputs_optimizer_and_step():
+    from smca_detr.utils import speed
+
+    cfg, model = speed.build_model("smca_r50", TINY)
+    assert cfg.MODEL.SMCA_DETR.HIDDEN_DIM == 32 and cfg.MODEL.WEIGHTS == "" and model.training
+    batch = speed.synthetic_inputs(2, 48, 64, with_instances=True, num_boxes=5, min_box=8, seed=3)
+    assert [tuple(x["image"].shape) for x in batch] == [(3, 48, 64)] * 2
+    assert batch[0]["image"].dtype == torch.float32 and 0 <= batch[0]["image"].min() <= batch[0]["image"].max() <= 255
+    boxes = batch[1]["instances"].gt_boxes.tensor
+    assert boxes.shape == (5, 4) and (boxes[:, 2:] <= torch.tensor([64.0, 48.0])).all()
+    assert ((boxes[:, 2:] - boxes[:, :2]) >= 8 - 1e-4).all() and (boxes >= 0).all()
+    again = speed.synthetic_inputs(2, 48, 64, with_instances=True, num_boxes=5, min_box=8, seed=3)
+    assert torch.equal(again[1]["instances"].gt_boxes.tensor, boxes)  # seeded
+    assert not torch.equal(speed.synthetic_inputs(1, 48, 64, seed=4)[0]["image"], batch[0]["image"])
+
+    opt = speed.build_adamw(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    lrs = {g["lr_multiplier"]: g["lr"] for g in opt.param_groups}
+    base, mult = cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER
+    assert lrs == {1.0: base, mult: base * mult}
+    name, param = next((n, p) for n, p in model.named_parameters() if n.startswith("heads."))
+    before = param.detach().clone()
+    loss = speed.train_step(model, batch, opt, check_finite=True)
+    assert torch.isfinite(loss) and not torch.equal(before, param.detach()), name
+    assert opt.last_grad_norm is not None  # the recipe's full-model clipping ran inside step()
+
+    model.eval()
+    backbone, after_backbone = speed.split_inference(model, batch[:1])
+    with torch.no_grad():
+        feats, _ = backbone()
+        assert feats[0].shape[0] == 1 and len(after_backbone()) == 1
+        assert set(speed.split_inference(model, batch[:1], postprocess=False)[1]()) >= {"pred_logits", "pred_boxes"}
+
+
+def test_machine_calibration_arithmetic(monkeypatch):
+    from smca_detr.utils import speed
+
+    seen = {}
+
+    def fake(threads=2, iters=3, hw=(640, 800)):
+        seen.update(threads=threads, iters=iters, hw=hw)
+        return 1.36
+
+    monkeypatch.setattr(speed, "reference_backbone_seconds", fake)
+    cal = speed.machine_calibration(0.85, 0.17, {"inference": 1.2, "train": 0.8}, threads=2)
+    assert seen == {"threads": 2, "iters": 3, "hw": (640, 800)}
+    assert cal["official_backbone_s_implied"] == pytest.approx(0.68)
+    assert cal["machine_factor"] == pytest.approx(2.0)
+    assert cal["machine_normalized_ratio"] == pytest.approx({"inference": 0.6, "train": 0.4})
+    text = "\n".join(speed.format_calibration(cal))
+    assert "ESTIMATE" in text and "0.85 - 0.17 = 0.68 s" in text and "1.360 s" in text
+    assert "machine factor (here / implied official): 2.00" in text
+    assert "inference: ratio vs official 1.20, machine-normalized ratio (estimate) 0.60" in text
+    with pytest.raises(ValueError, match="after-backbone"):
+        speed.machine_calibration(0.1, 0.2)
+
+
+def _fake_reference(monkeypatch, seconds):
+    from smca_detr.utils import speed
+
+    monkeypatch.setattr(speed, "reference_backbone_seconds", lambda threads=2, iters=3, hw=(640, 800): seconds)
+
+
+def test_benchmark_deformable_calibrate_smoke(tmp_path, monkeypatch, capsys):
+    _fake_reference(monkeypatch, 0.65 * 1.5)  # this "machine" is 1.5x slower than the official one
+    bench = _load_tool("benchmark_deformable")
+    out = tmp_path / "deformable.json"
+    res = bench.main(["--config", "deformable_detr_r50", "--threads", "1", "--height", "96", "--width", "128",
+                      "--iters", "1", "--train-iters", "1", "--calibrate", "--json", str(out), *TINY])
+    saved = json.load(open(out))
+    for k in ("inference_s_per_image", "backbone_s", "inference_after_backbone_s", "inference_cpu_s",
+              "inference_median_s", "train_s_per_step", "train_cpu_s", "train_s_per_step_vs_official",
+              "inference_s_per_image_vs_official_backbone_scaled"):
+        assert saved[k] > 0, k
+    cal = saved["calibration"]
+    assert cal["official_backbone_s_implied"] == pytest.approx(0.65) and cal["machine_factor"] == pytest.approx(1.5)
+    assert set(cal["machine_normalized_ratio"]) == {"inference_s_per_image", "inference_after_backbone_s",
+                                                    "train_s_per_step"}
+    assert cal["machine_normalized_ratio"]["train_s_per_step"] == pytest.approx(
+        res["train_s_per_step_vs_official"] / 1.5)
+    assert "machine-normalized ratio (estimate)" in capsys.readouterr().out
+
+
+def test_benchmark_smca_and_conditional_calibrate(tmp_path, monkeypatch, capsys):
+    _fake_reference(monkeypatch, 0.68 * 2)
+    smca = _load_tool("benchmark_smca")
+    fake = {"inference_s_per_image": 0.6, "ratio_vs_official_cpu": {"inference_s_per_image": 0.7, "train_step_s": 1.1}}
+    monkeypatch.setattr(smca, "bench_model", lambda *a, **k: fake)
+    out = tmp_path / "smca.json"
+    assert smca.main(["--part", "model", "--device", "cpu", "--threads", "1", "--calibrate", "--json", str(out)]) == 0
+    saved = json.load(open(out))
+    assert saved["model[cpu]"] == fake and saved["calibration"]["machine_factor"] == pytest.approx(2.0)
+    assert saved["calibration"]["machine_normalized_ratio"] == pytest.approx({"inference_s_per_image": 0.35,
+                                                                             "train_step_s": 0.55})
+    assert "machine-normalized ratio (estimate) 0.55" in capsys.readouterr().out
+
+    # Conditional DETR: a tiny config file, no training step
+    _fake_reference(monkeypatch, 0.71 * 0.5)
+    config = tmp_path / "conditional_tiny.yaml"
+    config.write_text(model_zoo.get_config("conditional_detr_r50", TINY).dump())
+    cond = _load_tool("benchmark_conditional")
+    res = cond.main(["--config", str(config), "--threads", "1", "--repeats", "1", "--height", "64", "--width", "64",
+                     "--skip-train", "--calibrate"])
+    cal = res["calibration"]
+    assert cal["official_backbone_s_implied"] == pytest.approx(0.71) and cal["machine_factor"] == pytest.approx(0.5)
+    assert set(cal["machine_normalized_ratio"]) == {"infer", "infer_after_backbone"}
+    assert cal["machine_normalized_ratio"]["infer"] == pytest.approx(res["inference_s_per_image"] / 0.87 / 0.5)
+    assert "machine factor (here / implied official): 0.50" in capsys.readouterr().out
+
+
+def test_cpu_peak_bytes_and_msda_benchmark_smoke():
+    from smca_detr.utils import speed
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc")
+    peak = speed.cpu_peak_bytes(lambda: torch.empty(64 * 2 ** 20, dtype=torch.uint8).fill_(1))
+    assert 60 * 2 ** 20 <= peak < 200 * 2 ** 20  # the 64 MiB buffer (mmap-ed, returned on free)
+    rows = _load_tool("benchmark_msda").main(["--device", "cpu", "--size", "tiny", "--repeats", "2", "--warmup", "0",
+                                              "--cases", "decoder"])
+    assert [(r["case"], r["impl"], r["dtype"]) for r in rows] == [("decoder", "pytorch", "fp32")]
+    assert rows[0]["fwd"] > 0 and rows[0]["fwd_bwd"] > 0 and rows[0]["err"] == 0

@@ -13,25 +13,24 @@ Prints:
 Every figure also comes with the process CPU time; CPU time / wall time well below the thread
 count means other processes shared the cores and the wall times are inflated.
 
+``--calibrate`` also times the official backbone (torchvision R50 body, frozen BN) here and divides
+the ratios vs the official figures by how much slower this machine is than the official one (an
+estimate; see ``smca_detr.utils.speed``).
+
 Usage: python tools/benchmark_conditional.py [--threads 2] [--repeats 5] [--channels-last] [--config ...]
+                                             [--calibrate]
 """
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
-
-from smca_detr.config import add_smca_detr_config  # noqa: E402
 from smca_detr.modeling.transformers.conditional import HeadAttention  # noqa: E402
+from smca_detr.utils import speed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,16 +41,9 @@ OFFICIAL = {"infer": 0.87, "infer_after_backbone": 0.16, "train_step": 4.7}
 def timeit(fn, repeats, warmup=1):
     """Median wall time of ``fn``; the process CPU time of the same runs is kept in ``CPU_TIMES``
     (its ratio to the wall time shows whether other processes competed for the cores)."""
-    for _ in range(warmup):
-        fn()
-    times, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    CPU_TIMES.append((statistics.median(times), statistics.median(cpu)))
-    return statistics.median(times)
+    t = speed.time_fn(fn, iters=repeats, warmup=warmup, stat="median")
+    CPU_TIMES.append((t.seconds, t.cpu_seconds))
+    return t.seconds
 
 
 CPU_TIMES = []
@@ -60,51 +52,6 @@ CPU_TIMES = []
 def cpu_of(wall):
     """CPU time of the measurement whose median wall time is ``wall``."""
     return next(c for w, c in CPU_TIMES if w == wall)
-
-
-def build(config):
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(config)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
-
-
-def make_inputs(n, h, w, with_instances):
-    g = torch.Generator().manual_seed(1)
-    batch = []
-    for _ in range(n):
-        x = {"image": torch.randint(0, 256, (3, h, w), generator=g).float(), "height": h, "width": w}
-        if with_instances:
-            inst = Instances((h, w))
-            k = 8
-            xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-            wh = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
-            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-            inst.gt_classes = torch.randint(0, 80, (k,), generator=g)
-            x["instances"] = inst
-        batch.append(x)
-    return batch
-
-
-def make_optimizer(cfg, model):
-    """The training optimizer of ``cfg`` (smca_detr.engine: AdamW, backbone LR multiplier, full-model
-    clipping inside ``step``) when available, else the same built here."""
-    try:
-        from smca_detr.engine.optimizer import build_optimizer
-
-        return build_optimizer(cfg, model), False
-    except ImportError:
-        pass
-    backbone, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": rest}, {"params": backbone, "lr": cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER}],
-        lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    return opt, True
 
 
 def bench_attention(repeats, b=1, heads=8, d=256, q=300, s=500):
@@ -132,7 +79,7 @@ def bench_attention(repeats, b=1, heads=8, d=256, q=300, s=500):
     return res
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(REPO, "configs", "conditional_detr_r50.yaml"))
     ap.add_argument("--threads", type=int, default=2)
@@ -142,14 +89,17 @@ def main():
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--channels-last", action="store_true",
                     help="convert the backbone weights to channels-last (its activations follow)")
-    args = ap.parse_args()
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
+                         "print the ratios vs the official figures divided by the machine factor (an estimate)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     h, w = args.height, args.width
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "
           f"channels-last backbone {args.channels_last}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
-    cfg, model = build(args.config)
+    cfg, model = speed.build_model(args.config)
     if args.channels_last:
         model.backbone.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters())
@@ -158,15 +108,14 @@ def main():
 
     # ---------------------------------------------------------------- inference
     model.eval()
-    batch = make_inputs(1, h, w, False)
+    batch = speed.synthetic_inputs(1, h, w, seed=1)
     with torch.no_grad():
         t_inf = timeit(lambda: model(batch), args.repeats)
-        images = model.preprocess_image(batch)
-        t_backbone = timeit(lambda: model.backbone(images.tensor, images.image_sizes), args.repeats)
-        feats, masks = model.backbone(images.tensor, images.image_sizes)
-        t_after = timeit(lambda: model.forward_features(feats, masks, images.image_sizes), args.repeats)
+        backbone, after_backbone = speed.split_inference(model, batch, postprocess=False)
+        t_backbone = timeit(backbone, args.repeats)
+        t_after = timeit(after_backbone, args.repeats)
         model.transformer.set_attention_impl("naive")
-        t_after_naive = timeit(lambda: model.forward_features(feats, masks, images.image_sizes), args.repeats)
+        t_after_naive = timeit(after_backbone, args.repeats)
         model.transformer.set_attention_impl("sdpa")
     print(f"inference {h}x{w} batch 1: {t_inf:.3f} s/image "
           f"(official {OFFICIAL['infer']:.2f}, ratio {t_inf / OFFICIAL['infer']:.2f}); CPU time {cpu_of(t_inf):.3f} s")
@@ -177,23 +126,13 @@ def main():
           f"(naive attention {cpu_of(t_after_naive):.3f} s)")
 
     # ---------------------------------------------------------------- training step
+    ratios = {"infer": t_inf / OFFICIAL["infer"], "infer_after_backbone": t_after / OFFICIAL["infer_after_backbone"]}
     if not args.skip_train:
         model.train()
-        opt, clip_here = make_optimizer(cfg, model)
-        batch = make_inputs(2, h, w, True)
-        clip = cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE
-
-        def step():
-            losses = model(batch)
-            total = sum(losses.values())
-            assert math.isfinite(float(total.detach()))
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            if clip_here:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-
-        t_train = timeit(step, max(2, args.repeats // 2))
+        opt = speed.build_adamw(cfg, model)  # the trainer's: backbone LR multiplier, clipping inside step()
+        batch = speed.synthetic_inputs(2, h, w, with_instances=True, num_boxes=8, seed=1)
+        t_train = timeit(lambda: speed.train_step(model, batch, opt, check_finite=True), max(2, args.repeats // 2))
+        ratios["train_step"] = t_train / OFFICIAL["train_step"]
         print(f"train step batch 2 at {h}x{w} (fwd+loss+bwd+clip+AdamW): {t_train:.3f} s "
               f"(official {OFFICIAL['train_step']:.1f}, ratio {t_train / OFFICIAL['train_step']:.2f}); "
               f"CPU time {cpu_of(t_train):.3f} s")
@@ -212,6 +151,15 @@ def main():
     cpus = sum(c for _, c in CPU_TIMES)
     print(f"CPU time / wall time over all measurements: {cpus / walls:.2f} "
           f"(about {args.threads} when the cores were not shared with other processes)")
+    results = {"inference_s_per_image": t_inf, "backbone_s": t_backbone, "after_backbone_s": t_after,
+               "ratio_vs_official": ratios}
+    if not args.skip_train:
+        results["train_step_s"] = t_train
+    if args.calibrate:
+        results["calibration"] = speed.machine_calibration(OFFICIAL["infer"], OFFICIAL["infer_after_backbone"],
+                                                           ratios, threads=args.threads)
+        print("\n".join(speed.format_calibration(results["calibration"])))
+    return results
 
 
 if __name__ == "__main__":

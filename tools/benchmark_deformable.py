@@ -18,69 +18,28 @@ Reference numbers of the official implementation on the same 2-core CPU (its pur
 deformable attention, torch.set_num_threads(2)): 3.6 s/image (2.95 s after the backbone) and 21 s
 per training step.
 
+``--calibrate`` also times the official backbone (torchvision R50 body, frozen BN, as the official
+code runs it) here on one 640x800 image and divides the ratios by this machine's factor (seconds
+here / official backbone seconds implied by the figures above): a machine-normalized estimate (see
+``smca_detr.utils.speed``).
+
     python tools/benchmark_deformable.py [--config configs/deformable_detr_r50.yaml] [--threads 2]
-        [--iters 3] [--train-iters 2] [--no-train] [--json out.json] [opts ...]
+        [--iters 3] [--train-iters 2] [--no-train] [--calibrate] [--json out.json] [opts ...]
 """
 import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from smca_detr.utils import speed  # noqa: E402
+
 OFFICIAL = {"inference_s_per_image": 3.6, "inference_after_backbone_s": 2.95, "train_s_per_step": 21.0}
-
-
-def build_optimizer(cfg, model):
-    from smca_detr.engine.optimizer import build_optimizer as build
-
-    return build(cfg, model)
-
-
-def build(config, opts, device):
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from smca_detr import add_smca_detr_config
-
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(str(config))
-    cfg.merge_from_list(list(opts))
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
-
-
-def make_inputs(n, h, w, with_instances, device):
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float()
-        x = {"image": img.to(device), "height": h, "width": w}
-        if with_instances:
-            xy = torch.rand(10, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-            wh = torch.rand(10, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
-            inst = Instances((h, w))
-            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
-            inst.gt_classes = torch.randint(0, 80, (10,), generator=g)
-            x["instances"] = inst
-        out.append(x)
-    return out
-
-
-def timed(fn, sync):
-    """(wall seconds, process CPU seconds) of one call."""
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    sync()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None):
@@ -94,32 +53,28 @@ def main(argv=None):
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="", help="also write the results to this file")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
+                        "report the ratios divided by the machine factor (an estimate)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    cfg, model = build(args.config, args.opts, args.device)
+    cfg, model = speed.build_model(args.config, args.opts, args.device)
     res = {"config": args.config, "threads": args.threads, "image": [args.height, args.width],
            "device": args.device, "torch": torch.__version__}
 
     # ---------------------------------------------------------------- inference
     model.eval()
-    inputs = make_inputs(1, args.height, args.width, False, args.device)
+    inputs = speed.synthetic_inputs(1, args.height, args.width, args.device)
     full, bb, after = [], [], []
     with torch.no_grad():
-        images = model.preprocess_image(inputs)
-        feats, masks = model.backbone(images.tensor, images.image_sizes)
-
-        def after_backbone():
-            out = model.forward_features(feats, masks, images.image_sizes)
-            model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], images.image_sizes)
-
+        backbone, after_backbone = speed.split_inference(model, inputs)
         model(inputs)  # warm-up
         for _ in range(args.iters):  # interleaved, so that a busy machine affects all three alike
-            full.append(timed(lambda: model(inputs), sync))
-            bb.append(timed(lambda: model.backbone(images.tensor, images.image_sizes), sync))
-            after.append(timed(after_backbone, sync))
+            full.append(speed.time_once(lambda: model(inputs), args.device))
+            bb.append(speed.time_once(backbone, args.device))
+            after.append(speed.time_once(after_backbone, args.device))
     res["inference_s_per_image"] = min(t for t, _ in full)
     res["backbone_s"] = min(t for t, _ in bb)
     res["inference_after_backbone_s"] = min(t for t, _ in after)
@@ -129,20 +84,13 @@ def main(argv=None):
     # ---------------------------------------------------------------- training
     if not args.no_train:
         model.train()
-        batch = make_inputs(2, args.height, args.width, True, args.device)
-        opt = build_optimizer(cfg, model)
-
-        def step():
-            losses = model(batch)
-            total = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()  # includes the full-model gradient clipping of the recipe
-
-        step()  # warm-up
-        steps = [timed(step, sync) for _ in range(args.train_iters)]
-        res["train_s_per_step"] = min(t for t, _ in steps)
-        res["train_cpu_s"] = min(c for _, c in steps)
+        batch = speed.synthetic_inputs(2, args.height, args.width, args.device, with_instances=True,
+                                       num_boxes=10, min_box=16)
+        opt = speed.build_adamw(cfg, model)  # includes the full-model gradient clipping of the recipe
+        steps = speed.time_fn(lambda: speed.train_step(model, batch, opt), iters=args.train_iters, warmup=1,
+                              device=args.device)
+        res["train_s_per_step"] = steps.seconds
+        res["train_cpu_s"] = steps.cpu_seconds
 
     # The backbone is the same computation as the official one (torchvision R50 vs detectron2 R50):
     # scaling by its time gives an estimate that is robust to a slower or busy machine.
@@ -160,6 +108,13 @@ def main(argv=None):
     lines.append(f"(best of {args.iters} / {args.train_iters}; process CPU s: inference "
                  f"{res['inference_cpu_s']:.2f}" + (f", train {res['train_cpu_s']:.2f}" if "train_cpu_s" in res else "")
                  + ")")
+    if args.calibrate:
+        ratios = ({k: res[k + "_vs_official"] for k in OFFICIAL if k + "_vs_official" in res}
+                  if args.device == "cpu" else {})  # the official figures are CPU figures
+        res["calibration"] = speed.machine_calibration(OFFICIAL["inference_s_per_image"],
+                                                       OFFICIAL["inference_after_backbone_s"], ratios,
+                                                       threads=args.threads)
+        lines += speed.format_calibration(res["calibration"])
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smca_detr.layers.msda import ms_deform_attn, ms_deform_attn_pytorch, triton_available  # noqa: E402
+from smca_detr.utils import speed  # noqa: E402
 
 SIZES = {
     # (level shapes, decoder queries)
@@ -58,54 +57,23 @@ def make_inputs(shapes, batch, queries, heads, channels, points, dtype, device, 
     return to(value), spatial.to(device), starts.to(device), to(loc), to(attn)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def cpu_peak_bytes(fn):
-    """Peak resident-memory growth while running ``fn`` once (Linux: reset the high-water mark
-    ``VmHWM`` through ``/proc/self/clear_refs``, then compare it with ``VmRSS`` before the call).
-    Large tensors are mmap-ed and returned on free, so this tracks the live tensor bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_kib("VmRSS")
-    fn()
-    return (_proc_status_kib("VmHWM") - before) * 1024
-
-
 def measure(fn, device, repeats, warmup, bar):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        bar.update(1)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``repeats`` calls after ``warmup`` (device synchronised)."""
+    t = speed.time_fn(fn, iters=repeats, warmup=warmup, stat="median", device=device,
+                      after_each=lambda: bar.update(1))
+    return t.seconds * 1e3
 
 
 def peak_memory(fn, device):
     if device.type == "cuda":
-        sync(device)
+        speed.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        sync(device)
+        speed.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     try:
-        return cpu_peak_bytes(fn)
+        return speed.cpu_peak_bytes(fn)
     except OSError:  # not Linux
         return float("nan")
 

@@ -12,15 +12,17 @@
     step (batch 2 at 640x800: forward + loss + backward + gradient clipping + AdamW).
 
     python tools/benchmark_smca.py [--part attention|model|all] [--threads 2] [--device cpu|cuda]
-                                   [--channels-last] [--stat min|median]
+                                   [--channels-last] [--stat min|median] [--calibrate]
 
 Official SMCA code on the project's 2-core CPU (torch.set_num_threads(2)): 0.85 s/image, 0.17 s of
 it after the backbone; 4.4 s per training step; the target for this port is <= 0.8x of those.
+``--calibrate`` also times the official backbone (torchvision R50 body, frozen BN) here and divides
+the ratios vs those figures by how much slower this machine is than the official one (an estimate;
+see ``smca_detr.utils.speed``).
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,12 +31,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from smca_detr.utils import speed  # noqa: E402
+
 OFFICIAL_CPU = {"inference_s_per_image": 0.85, "after_backbone_s_per_image": 0.17, "train_step_s": 4.4}
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _cpu_jiffies():
@@ -70,21 +71,11 @@ def timeit(fn, device, warmup=1, iters=5):
     """Minimum wall time over ``iters`` runs after ``warmup`` (the minimum is the least disturbed
     by other processes on a shared machine; ``--stat median`` reports the median instead). With
     ``--wait-idle`` every timed run starts when the other processes are (nearly) idle."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        if WAIT_IDLE:
-            wait_idle()
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return STAT(times)
+    return speed.time_fn(fn, iters=iters, warmup=warmup, stat=STAT, device=device,
+                         before_each=wait_idle if WAIT_IDLE else None).seconds
 
 
-STAT = min
+STAT = "min"
 
 
 # ---------------------------------------------------------------------------------------- (a)
@@ -135,14 +126,6 @@ def attention_case(device, backward, seed=0):
     return {"fused": fused, "naive": naive, "model": model}, run
 
 
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def attention_peak_cpu(variant, backward, threads):
     """Runs in a fresh process (started with MALLOC_MMAP_THRESHOLD_ so that freed tensors go back to
     the OS): after a warm-up call, the peak RSS is reset (/proc/self/clear_refs) and the growth of
@@ -151,11 +134,7 @@ def attention_peak_cpu(variant, backward, threads):
     variants, run = attention_case("cpu", backward)
     fn = variants[variant]
     run(fn)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_status_kib("VmRSS")
-    run(fn)
-    return (_proc_status_kib("VmHWM") - base) * 1024
+    return speed.cpu_peak_bytes(lambda: run(fn))
 
 
 def bench_attention(device, threads, iters):
@@ -191,34 +170,7 @@ def bench_attention(device, threads, iters):
 
 # ---------------------------------------------------------------------------------------- (b)
 def build_full_model(device):
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from smca_detr.config import add_smca_detr_config
-
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "smca_r50.yaml"))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
-
-
-def _inputs(n, h, w, device, with_targets):
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        d = {"image": (torch.rand(3, h, w, generator=g) * 255).to(device), "height": h, "width": w}
-        if with_targets:
-            inst = Instances((h, w))
-            xy = torch.rand(6, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-            inst.gt_boxes = Boxes(torch.cat([xy, xy + torch.tensor([w * 0.2, h * 0.3])], 1))
-            inst.gt_classes = torch.randint(0, 80, (6,), generator=g)
-            d["instances"] = inst
-        out.append(d)
-    return out
+    return speed.build_model(REPO / "configs" / "smca_r50.yaml", device=device)
 
 
 def bench_model(device, iters, train_iters, channels_last=False):
@@ -228,39 +180,21 @@ def bench_model(device, iters, train_iters, channels_last=False):
     res = {"channels_last": channels_last}
     # inference, one 640x800 image (h x w), detectron2 API
     model.eval()
-    inp = _inputs(1, 640, 800, device, False)
+    inp = speed.synthetic_inputs(1, 640, 800, device)
     with torch.inference_mode():
         t_total = timeit(lambda: model(inp), device, warmup=1, iters=iters)
-        images = model.preprocess_image(inp)
-        t_bb = timeit(lambda: model.backbone(images.tensor, images.image_sizes), device, warmup=1, iters=iters)
-        feats, masks = model.backbone(images.tensor, images.image_sizes)
-
-        def after_backbone():
-            out = model.forward_features(feats, masks, images.image_sizes)
-            model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], images.image_sizes)
-
+        backbone, after_backbone = speed.split_inference(model, inp)
+        t_bb = timeit(backbone, device, warmup=1, iters=iters)
         t_after = timeit(after_backbone, device, warmup=1, iters=iters)
     res["inference_s_per_image"] = round(t_total, 3)
     res["backbone_s_per_image"] = round(t_bb, 3)
     res["after_backbone_s_per_image"] = round(t_after, 3)
     # training step, batch 2 at 640x800: forward + loss + backward + clip 0.1 + AdamW
     model.train()
-    batch = _inputs(2, 640, 800, device, True)
-    bb = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    lr_bb = cfg.SOLVER.BASE_LR * cfg.SOLVER.BACKBONE_MULTIPLIER
-    opt = torch.optim.AdamW([{"params": rest}, {"params": bb, "lr": lr_bb}],
-                            lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-
-    def step():
-        losses = model(batch)
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(bb + rest, cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
-        opt.step()
-
-    res["train_step_s"] = round(timeit(step, device, warmup=1, iters=train_iters), 3)
+    batch = speed.synthetic_inputs(2, 640, 800, device, with_instances=True, num_boxes=6)
+    opt = speed.build_adamw(cfg, model)  # backbone LR multiplier, clipping 0.1 inside step()
+    res["train_step_s"] = round(timeit(lambda: speed.train_step(model, batch, opt), device, warmup=1,
+                                       iters=train_iters), 3)
     if device == "cpu":
         res["ratio_vs_official_cpu"] = {k: round(res[k] / v, 3) for k, v in OFFICIAL_CPU.items()}
     return res
@@ -279,12 +213,15 @@ def main(argv=None):
     ap.add_argument("--stat", choices=["min", "median"], default="min")
     ap.add_argument("--wait-idle", action="store_true",
                     help="start every timed run when other processes are idle (shared machines)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
+                         "print the ratios vs the official CPU figures divided by the machine factor (an estimate)")
     ap.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_bwd", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     global STAT, WAIT_IDLE
-    STAT = min if args.stat == "min" else statistics.median
+    STAT = args.stat
     WAIT_IDLE = args.wait_idle
     if args._peak:
         print(attention_peak_cpu(args._peak, args._bwd, args.threads))
@@ -296,7 +233,14 @@ def main(argv=None):
             results[f"attention[{dev}]"] = bench_attention(dev, args.threads, args.iters)
     if args.part in ("model", "all"):
         results[f"model[{args.device}]"] = bench_model(args.device, args.iters, args.train_iters, args.channels_last)
+    if args.calibrate:
+        ratios = results.get(f"model[{args.device}]", {}).get("ratio_vs_official_cpu", {})
+        results["calibration"] = speed.machine_calibration(
+            OFFICIAL_CPU["inference_s_per_image"], OFFICIAL_CPU["after_backbone_s_per_image"], ratios,
+            threads=args.threads)
     print(json.dumps(results, indent=2))
+    if args.calibrate:
+        print("\n".join(speed.format_calibration(results["calibration"])))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

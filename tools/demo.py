@@ -74,12 +74,12 @@ def output_paths(inputs, output):
 
 def run(args):
     import numpy as np
-    from detectron2.data.detection_utils import read_image
     from PIL import Image
     from tqdm import tqdm
 
     import smca_detr  # noqa: F401  (registers everything)
     from smca_detr.model_zoo import Predictor, inference_config
+    from smca_detr.utils.images import read_image  # errors name the file
     from smca_detr.utils.visualize import draw_instances
 
     inputs = expand_inputs(args.input)

@@ -36,15 +36,14 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from detectron2.data.detection_utils import read_image
-
     import smca_detr  # noqa: F401
     from smca_detr.model_zoo import Predictor, inference_config
+    from smca_detr.utils.images import read_image  # errors name the file
     from smca_detr.utils.visualize import attention_maps, render_attention
 
+    image = read_image(args.input, format="RGB")  # before building the model: a bad file fails fast
     cfg = inference_config(args.config_file, args.opts)
     predictor = Predictor(cfg)
-    image = read_image(args.input, format="RGB")
     maps = attention_maps(predictor.model, predictor.inputs(image, "RGB"), args.query, args.layer)
     names = predictor.metadata.get("thing_classes", None) if predictor.metadata is not None else None
     picture = render_attention(image, maps, args.output, panel_width=args.panel_width, class_names=names)

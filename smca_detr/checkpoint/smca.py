@@ -95,7 +95,8 @@ def split_official_checkpoint(checkpoint) -> Tuple[Dict[str, torch.Tensor], Opti
         return checkpoint["model"], checkpoint.get("args")
     if isinstance(checkpoint, dict):
         return checkpoint, None
-    raise TypeError(f"expected an official SMCA-DETR checkpoint dict, got {type(checkpoint).__name__}")
+    raise TypeError(f"expected an official checkpoint dict ({{'model': ..., 'args': ...}} or a state dict), "
+                    f"got {type(checkpoint).__name__}")
 
 
 def convert_official_smca(state_dict: Union[Dict, str, os.PathLike], keep_all_classes: bool = False,

@@ -25,13 +25,11 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from ..utils.images import ImageReadError, read_image
+
 __all__ = ["DetrDatasetMapper", "ImageReadError", "build_detr_augmentations", "patch_detectron2_map_dataset"]
 
 logger = logging.getLogger(__name__)
-
-
-class ImageReadError(OSError):
-    """An image file is missing, unreadable or corrupt (the message names the file)."""
 
 
 def _flip_augmentation(random_flip: str) -> List[T.Augmentation]:
@@ -119,13 +117,7 @@ class DetrDatasetMapper:
         }
 
     def _read_image(self, file_name: str) -> np.ndarray:
-        try:
-            image = utils.read_image(file_name, format=self.image_format)
-        except Exception as e:  # missing file, not an image, truncated data, ...
-            raise ImageReadError(f"Cannot read image file '{file_name}': {type(e).__name__}: {e}") from e
-        if image.ndim == 2:  # defensive: always HWC
-            image = image[:, :, None]
-        return image
+        return read_image(file_name, format=self.image_format)  # ImageReadError naming the file
 
     def _choose_augmentations(self) -> T.AugmentationList:
         # np.random: detectron2 seeds it per data-loader worker, like its own augmentations use it.

@@ -20,6 +20,10 @@ __all__ = ["SmcaDetrCheckpointer", "atomic_write"]
 
 logger = logging.getLogger(__name__)
 
+from smca_detr.checkpoint.shipped import register_shipped_handler  # noqa: E402
+
+register_shipped_handler()  # MODEL.WEIGHTS "smca_detr://<file>": checkpoints shipped in the package
+
 
 def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")

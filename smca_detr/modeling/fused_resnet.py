@@ -11,7 +11,8 @@ to float32 rounding (tests/test_fused_resnet.py compares both).
 
 It is used only where it is exact and available; :func:`fused_resnet_supported` says why not
 otherwise and the caller falls back to the modules' own forward:
-  * CPU float32 input, gradients disabled, module in eval mode, no autocast;
+  * CPU float32 input, gradients disabled, module in eval mode, no autocast, not being traced
+    (fvcore FLOP counting, ``torch.jit.trace``) or compiled;
   * every block of a known detectron2 type (exactly ``BasicStem``, ``BottleneckBlock``,
     ``BasicBlock``; deformable blocks or other stems are not fused), every norm foldable
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
@@ -63,6 +64,8 @@ def fused_resnet_supported(body: nn.Module, x: torch.Tensor) -> Tuple[bool, str]
         return False, "not a detectron2 ResNet feature extractor"
     if body.training or torch.is_grad_enabled():
         return False, "training or gradients enabled"
+    if torch.jit.is_tracing() or _compiling():
+        return False, "traced / compiled (FLOP counting, export, torch.compile see the plain modules)"
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False, "input is not CPU float32"
     if _cpu_autocast_on():
@@ -83,6 +86,11 @@ def fused_resnet_supported(body: nn.Module, x: torch.Tensor) -> Tuple[bool, str]
         if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
             return False, "weights are not CPU float32"
     return True, ""
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _cpu_autocast_on() -> bool:

@@ -1,5 +1,8 @@
-"""Utilities: detection pictures and attention visualisation (``smca_detr.utils.visualize``).
-Imported lazily by the tools; nothing here is needed for training."""
+"""Utilities: image reading with errors naming the file (``smca_detr.utils.images``, used by the data
+mapper and the tools), detection pictures and attention visualisation (``smca_detr.utils.visualize``)
+and speed-benchmark helpers (``smca_detr.utils.speed``, not imported here)."""
+from .images import ImageNotFoundError, ImageReadError, read_image
 from .visualize import AttentionMaps, Panel, attention_maps, draw_instances, grid_size, render_attention
 
-__all__ = ["AttentionMaps", "Panel", "attention_maps", "draw_instances", "grid_size", "render_attention"]
+__all__ = ["AttentionMaps", "Panel", "attention_maps", "draw_instances", "grid_size", "render_attention",
+           "ImageReadError", "ImageNotFoundError", "read_image"]

@@ -1,0 +1,315 @@
+"""Shared pieces of the speed benchmarks (``tools/benchmark_{smca,conditional,deformable}.py``).
+
+* :func:`build_model`: the model of a config file (or model-zoo name) + overrides on a device,
+  random weights (speed does not depend on them), seeded;
+* :func:`synthetic_inputs`: detectron2 model inputs (``{"image", "height", "width"}`` and, for
+  training, ``"instances"`` with ``gt_boxes`` / ``gt_classes``);
+* :func:`build_adamw` / :func:`train_step`: the trainer's AdamW (parameter groups with the backbone
+  LR multiplier, full-model gradient clipping inside ``step()``) and one training step;
+* :func:`split_inference`: closures timing the backbone and the part after it separately;
+* :func:`time_fn` / :func:`time_once`: wall and process CPU time (warm-up, N calls, min or median,
+  CUDA synchronised); :func:`cpu_peak_bytes`: peak resident-memory growth of one call (Linux);
+* :func:`reference_backbone_seconds` / :func:`machine_calibration`: a machine calibration against
+  the machine where the official CPU figures were measured (see below).
+
+Calibration. The official DETR-family repos run a torchvision ResNet-50 body with frozen batch
+norm; its time on the official machine is implied by the official figures (inference minus the
+part after the backbone). Timing the same computation here gives a *machine factor* (seconds here /
+seconds implied there, > 1: this machine is slower); dividing a ratio vs the official figures by it
+gives a *machine-normalized ratio*: an estimate of the ratio both implementations would have on the
+same machine. It is an estimate only: it assumes that the two machines differ by one factor for
+all the work (convolutions and the transformer alike) and that the implied backbone time is exact.
+
+torchvision is imported only by :func:`reference_backbone`; detectron2 and the project's engine only
+by the functions that need them.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "build_model",
+    "synthetic_inputs",
+    "build_adamw",
+    "train_step",
+    "split_inference",
+    "synchronize",
+    "Timing",
+    "time_once",
+    "time_fn",
+    "proc_status_kib",
+    "cpu_peak_bytes",
+    "FrozenBatchNorm2d",
+    "reference_backbone",
+    "reference_backbone_seconds",
+    "machine_calibration",
+    "format_calibration",
+]
+
+Device = Union[str, torch.device]
+
+
+# ------------------------------------------------------------------------------------ model and data
+def build_model(config: str, opts: Sequence = (), device: Device = "cpu", seed: int = 0):
+    """``(cfg, model)``: the model of ``config`` (a file or a model-zoo name) with ``opts``
+    (``[KEY, VALUE, ...]``) on ``device``, randomly initialised after ``torch.manual_seed(seed)``
+    (``MODEL.WEIGHTS`` is not loaded). The model is in training mode, as ``build_model`` returns it."""
+    from detectron2.modeling import build_model as d2_build_model
+
+    from smca_detr.model_zoo import get_config
+
+    cfg = get_config(str(config), list(opts))
+    cfg.MODEL.DEVICE = str(device)
+    cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(seed)
+    return cfg, d2_build_model(cfg)
+
+
+def synthetic_inputs(n: int, height: int, width: int, device: Device = "cpu", with_instances: bool = False,
+                     num_boxes: int = 8, num_classes: int = 80, min_box: float = 8.0, seed: int = 0) -> List[dict]:
+    """``n`` detectron2 inputs of random ``height x width`` images (float, values 0..255, on
+    ``device``). With ``with_instances`` each has ``num_boxes`` random ground-truth boxes (at least
+    ``min_box`` pixels per side, inside the image) of classes in ``[0, num_classes)``."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([width, height], dtype=torch.float32)
+    batch = []
+    for _ in range(n):
+        image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8).float()
+        x = {"image": image.to(device), "height": height, "width": width}
+        if with_instances:
+            xy = torch.rand(num_boxes, 2, generator=g) * size * 0.6
+            wh = torch.rand(num_boxes, 2, generator=g) * size * 0.3 + min_box
+            inst = Instances((height, width))
+            inst.gt_boxes = Boxes(torch.cat([xy, torch.minimum(xy + wh, size)], 1))
+            inst.gt_classes = torch.randint(0, num_classes, (num_boxes,), generator=g)
+            x["instances"] = inst
+        batch.append(x)
+    return batch
+
+
+def build_adamw(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """The training optimizer as the trainer builds it (``smca_detr.engine.optimizer``: parameter
+    groups with ``SOLVER.BACKBONE_MULTIPLIER`` and the ``SOLVER.LR_MULTIPLIER_*`` rules, weight decay,
+    ``SOLVER.CLIP_GRADIENTS`` - full-model clipping happens inside ``step()``), always AdamW."""
+    from smca_detr.engine.optimizer import build_optimizer
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    return build_optimizer(cfg, model)
+
+
+def train_step(model: nn.Module, batch: List[dict], optimizer: torch.optim.Optimizer,
+               check_finite: bool = False) -> torch.Tensor:
+    """One training step: forward with the losses, their sum, backward, ``optimizer.step()``
+    (gradient clipping included with :func:`build_adamw`). Returns the detached total loss;
+    ``check_finite`` raises ``FloatingPointError`` on a non-finite loss (a device sync)."""
+    losses = model(batch)
+    total = sum(losses.values())
+    if check_finite and not math.isfinite(float(total.detach())):
+        raise FloatingPointError(f"non-finite training loss: { {k: float(v) for k, v in losses.items()} }")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return total.detach()
+
+
+def split_inference(model: nn.Module, inputs: List[dict], postprocess: bool = True):
+    """``(backbone, after_backbone)``: closures running the backbone of ``model`` on ``inputs``, and
+    what follows it (transformer + heads, and with ``postprocess`` the top-k inference) on backbone
+    features computed once here. Call them under ``torch.no_grad()`` / ``inference_mode()``."""
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        feats, masks = model.backbone(images.tensor, images.image_sizes)
+
+    def backbone():
+        return model.backbone(images.tensor, images.image_sizes)
+
+    def after_backbone():
+        out = model.forward_features(feats, masks, images.image_sizes)
+        if postprocess:
+            return model.inference(out["pred_logits"][-1], out["pred_boxes"][-1], images.image_sizes)
+        return out
+
+    return backbone, after_backbone
+
+
+# ------------------------------------------------------------------------------------ timing
+def synchronize(device: Device) -> None:
+    """Wait for the queued CUDA work of ``device`` (no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class Timing(NamedTuple):
+    seconds: float  # the statistic of the wall times
+    cpu_seconds: float  # the same statistic of the process CPU times
+    walls: List[float]
+    cpus: List[float]
+
+
+_STATS = {"min": min, "median": statistics.median}
+
+
+def time_once(fn: Callable, device: Device = "cpu") -> Tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of ``fn``, device synchronised before and after.
+    Process CPU time well below ``threads x wall`` means other processes shared the cores."""
+    synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def time_fn(fn: Callable, iters: int = 5, warmup: int = 1, stat: Union[str, Callable] = "min",
+            device: Device = "cpu", before_each: Optional[Callable] = None,
+            after_each: Optional[Callable] = None) -> Timing:
+    """Time ``iters`` calls of ``fn`` after ``warmup`` untimed ones. ``stat``: ``"min"`` (the least
+    disturbed by other processes on a shared machine), ``"median"`` or a function of the list.
+    ``before_each`` / ``after_each`` (untimed) run around every timed call, e.g. to wait for an idle
+    machine or to advance a progress bar."""
+    reduce = _STATS[stat] if isinstance(stat, str) else stat
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(iters):
+        if before_each is not None:
+            before_each()
+        wall, cpu = time_once(fn, device)
+        walls.append(wall)
+        cpus.append(cpu)
+        if after_each is not None:
+            after_each()
+    return Timing(reduce(walls), reduce(cpus), walls, cpus)
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_peak_bytes(fn: Callable) -> int:
+    """Peak resident-memory growth while running ``fn`` once (Linux): the high-water mark ``VmHWM``
+    is reset through ``/proc/self/clear_refs``, then compared with ``VmRSS`` before the call. Large
+    tensors are mmap-ed and returned on free, so this tracks the live tensor bytes (for smaller ones
+    start the process with ``MALLOC_MMAP_THRESHOLD_``). Raises ``OSError`` where that is unavailable."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = proc_status_kib("VmRSS")
+    fn()
+    return (proc_status_kib("VmHWM") - before) * 1024
+
+
+# ------------------------------------------------------------------------------------ calibration
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters, all buffers (nothing trains):
+    ``y = x * scale + shift`` with ``scale = weight / sqrt(running_var + eps)`` and
+    ``shift = bias - running_mean * scale`` (the backbone norm of the official DETR-family code)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def reference_backbone() -> nn.Sequential:
+    """The torchvision ``resnet50`` body (stem and ``layer1``..``layer4``, no pooling / classifier)
+    with :class:`FrozenBatchNorm2d` norms, random weights, in eval mode."""
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    body = []
+    for name, child in net.named_children():
+        body.append(child)
+        if name == "layer4":
+            break
+    return nn.Sequential(*body).eval()
+
+
+def reference_backbone_seconds(threads: int = 2, iters: int = 3, hw: Tuple[int, int] = (640, 800),
+                               warmup: int = 1, stat: Union[str, Callable] = "min") -> float:
+    """Seconds of one forward of :func:`reference_backbone` on one ``1 x 3 x H x W`` image on CPU under
+    ``torch.no_grad()`` with ``threads`` threads (``stat`` of ``iters`` calls after ``warmup``). The
+    thread count and the global RNG state are restored afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            body = reference_backbone()
+            x = torch.randn(1, 3, *hw)
+        with torch.no_grad():
+            return time_fn(lambda: body(x), iters=iters, warmup=warmup, stat=stat).seconds
+    finally:
+        torch.set_num_threads(prev)
+
+
+def machine_calibration(official_inference_s: float, official_after_backbone_s: float,
+                        ratios: Optional[Mapping[str, float]] = None, threads: int = 2, iters: int = 3,
+                        hw: Tuple[int, int] = (640, 800)) -> Dict:
+    """Calibrate this machine against the official one (see the module docstring).
+
+    ``official_inference_s - official_after_backbone_s`` is the official backbone time implied by
+    the official figures; :func:`reference_backbone_seconds` times the same backbone here. ``ratios``
+    (name -> our time / official time) are also given divided by the machine factor."""
+    implied = official_inference_s - official_after_backbone_s
+    if implied <= 0:
+        raise ValueError(f"official inference {official_inference_s} s must exceed its after-backbone part "
+                         f"{official_after_backbone_s} s")
+    here = reference_backbone_seconds(threads=threads, iters=iters, hw=hw)
+    factor = here / implied
+    ratios = dict(ratios or {})
+    return {
+        "reference_backbone_s": here,
+        "official_inference_s": official_inference_s,
+        "official_after_backbone_s": official_after_backbone_s,
+        "official_backbone_s_implied": implied,
+        "machine_factor": factor,
+        "ratio_vs_official": ratios,
+        "machine_normalized_ratio": {k: r / factor for k, r in ratios.items()},
+        "threads": threads,
+        "image_hw": list(hw),
+        "iters": iters,
+        "estimate": True,
+    }
+
+
+def format_calibration(cal: Mapping) -> List[str]:
+    """Printable lines of a :func:`machine_calibration` result, labelled as an estimate."""
+    h, w = cal["image_hw"]
+    lines = [
+        "calibration (an ESTIMATE: assumes both machines differ by one factor for all the work):",
+        f"  reference backbone here: {cal['reference_backbone_s']:.3f} s (torchvision resnet50 body, frozen BN, "
+        f"1x3x{h}x{w}, {cal['threads']} threads, no_grad, best of {cal['iters']})",
+        f"  official backbone implied by the official figures: {cal['official_inference_s']:.2f} - "
+        f"{cal['official_after_backbone_s']:.2f} = {cal['official_backbone_s_implied']:.2f} s",
+        f"  machine factor (here / implied official): {cal['machine_factor']:.2f} (> 1: this machine is slower)",
+    ]
+    for k, r in cal["ratio_vs_official"].items():
+        lines.append(f"  {k}: ratio vs official {r:.2f}, machine-normalized ratio (estimate) "
+                     f"{cal['machine_normalized_ratio'][k]:.2f}")
+    if not cal["ratio_vs_official"]:
+        lines.append("  (no ratio vs the official CPU figures to normalize: those are CPU figures)")
+    return lines
