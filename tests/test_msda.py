@@ -20,11 +20,14 @@ import torch
 from smca_detr.layers import MSDeformAttn, add_msda_flop_handle, ms_deform_attn, msda_flop_jit
 from smca_detr.layers.msda import op as msda_op
 from smca_detr.layers.msda import (
+    ms_deform_attn_gather,
+    ms_deform_attn_gather_backward,
     ms_deform_attn_pytorch,
     ms_deform_attn_pytorch_backward,
     resolve_impl,
     triton_available,
 )
+from smca_detr.layers.msda.gather import build_gather_plan, gather_backward
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = triton_available()
@@ -72,10 +75,32 @@ def naive_msda(value, spatial_shapes, level_start_index, loc, attn):
     return out.reshape(B, Q, M * D)
 
 
+def edge_inputs(n_queries):
+    """float64 inputs (1 batch, levels 4x5 and 2x3, 2 heads, 3 channels, 2 points) whose first 7
+    queries sample at: exact pixel centres, 0, 1, x = -1 exactly, +1e8, -1e8, y = H exactly."""
+    value, shapes, starts, loc, attn = make_inputs(1, [(4, 5), (2, 3)], 2, 3, n_queries, 2,
+                                                   dtype=torch.float64)
+    W = shapes[:, 1].double().view(1, 1, 1, 2, 1)
+    H = shapes[:, 0].double().view(1, 1, 1, 2, 1)
+    loc[:, 0, ..., 0] = (torch.arange(2).view(1, 1, 1, 2) + 0.5) / W[..., 0]  # exact pixel centres
+    loc[:, 0, ..., 1] = 1.5 / H[..., 0]
+    loc[:, 1] = 0.0
+    loc[:, 2] = 1.0
+    loc[:, 3, :, :, :, 0] = -0.5 / W  # x = -1 exactly
+    loc[:, 4] = 1e8
+    loc[:, 5] = -1e8
+    loc[:, 6, :, :, :, 1] = 1 + 0.5 / H  # y = H exactly
+    return value, shapes, starts, loc, attn
+
+
 def fwd_bwd(impl, inputs, grad_out=None):
+    """Output and gradients of ``impl`` ("oracle": autograd through the grid_sample reference)."""
     value, shapes, starts, loc, attn = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
-    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
+    if impl == "oracle":
+        out = ms_deform_attn_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
+    else:
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl=impl)
     if grad_out is None:
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
                                dtype=torch.float64).to(out)
@@ -130,7 +155,7 @@ def test_reference_gradcheck_float64():
 def test_reference_analytic_backward_matches_autograd(case):
     B, shapes, M, D, Q, P, pad = CASES[case]
     value, shapes_t, starts, loc, attn = make_inputs(B, shapes, M, D, Q, P, dtype=torch.float64, pad=pad)
-    _, grads, g = fwd_bwd("pytorch", (value, shapes_t, starts, loc, attn))
+    _, grads, g = fwd_bwd("oracle", (value, shapes_t, starts, loc, attn))
     analytic = ms_deform_attn_pytorch_backward(g, value, shapes_t, starts, loc, attn)
     for name, a, e in zip(("value", "loc", "attn"), analytic, grads):
         torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
@@ -144,6 +169,173 @@ def test_reference_mixed_dtypes_promote():
                                                            attn.float().double()).float())
 
 
+# ----------------------------------------------------------------------------- gather (CPU path)
+def border_locations(shapes, Q, M, P, seed=0):
+    """float64 locations ``[1, Q, M, L, P, 2]`` whose pixel coordinates (``loc * W - 0.5``) lie
+    partly outside (x = ``-0.7``; x = ``W - 0.3`` with y = ``H - 0.6``), entirely outside
+    (x = ``-1.4``, ``-5.2``; y = ``H + 0.2``) and inside each map, never on an integer (the kinks
+    of bilinear interpolation)."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(shapes)
+    wh = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64).view(1, 1, 1, L, 1, 2)
+    pix = torch.rand(1, Q, M, L, P, 2, generator=g, dtype=torch.float64) * (wh + 1) - 1
+    pix = pix.floor() + 0.1 + 0.8 * torch.rand(pix.shape, generator=g, dtype=torch.float64)
+    specials = torch.tensor([-0.7, -1.4, -5.2], dtype=torch.float64)
+    pix[0, :3, 0, :, 0, 0] = specials.view(3, 1)  # x: partly / entirely / far outside (left)
+    pix[0, :3, 0, :, 0, 1] = 0.4
+    for lvl in range(L):
+        w, h = float(wh[0, 0, 0, lvl, 0, 0]), float(wh[0, 0, 0, lvl, 0, 1])
+        pix[0, 3, -1, lvl, -1] = torch.tensor([w - 0.3, h - 0.6], dtype=torch.float64)  # partly (both)
+        pix[0, 4, -1, lvl, -1] = torch.tensor([0.3, h + 0.2], dtype=torch.float64)  # entirely (below)
+    return (pix + 0.5) / wh
+
+
+def gather_fwd_bwd(inputs, grad_out):
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn_gather(leaves[0], shapes, starts, leaves[1], leaves[2])
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gather_matches_reference_float64(case):
+    """Forward and all three gradients of the gather path vs autograd through grid_sample, element
+    by element (float64; random locations, about a third outside their map)."""
+    B, shapes, M, D, Q, P, pad = CASES[case]
+    inputs = make_inputs(B, shapes, M, D, Q, P, dtype=torch.float64, pad=pad, seed=3)
+    out_r, grads_r, g = fwd_bwd("oracle", inputs)
+    out, grads = gather_fwd_bwd(inputs, g)
+    torch.testing.assert_close(out, out_r, atol=1e-12, rtol=1e-10)
+    for name, a, e in zip(("value", "sampling_locations", "attention_weights"), grads, grads_r):
+        assert a.dtype == torch.float64 and a.shape == e.shape and a.is_contiguous(), name
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    # the analytic backward without autograd (the custom op's CPU kernel) gives the same
+    for name, a, e in zip(("value", "loc", "attn"), ms_deform_attn_gather_backward(g, *inputs), grads):
+        torch.testing.assert_close(a, e, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_gather_gradcheck_border_points():
+    """gradcheck (float64) of the public CPU training path, with points partly and entirely outside
+    their maps; also checks it is the gather autograd function (not grid_sample)."""
+    shapes = [(4, 5), (2, 3)]
+    value, shapes_t, starts, _, attn = make_inputs(2, shapes, 2, 3, 5, 2, dtype=torch.float64)
+    loc = torch.cat([border_locations(shapes, 5, 2, 2, seed=s) for s in (0, 1)])
+    args = tuple(t.clone().requires_grad_() for t in (value, loc, attn))
+    fn = lambda v, l, a: ms_deform_attn(v, shapes_t, starts, l, a, impl="pytorch")  # noqa: E731
+    assert "_GatherFunction" in type(fn(*args).grad_fn).__name__
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # and element-wise vs the grid_sample oracle on the same border points
+    g = torch.randn(2, 5, 6, dtype=torch.float64)
+    out_r, grads_r, _ = fwd_bwd("oracle", (value, shapes_t, starts, loc, attn), g)
+    out, grads = gather_fwd_bwd((value, shapes_t, starts, loc, attn), g)
+    torch.testing.assert_close(out, out_r, atol=1e-12, rtol=1e-10)
+    for a, e in zip(grads, grads_r):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    # entirely outside: no output, no location / attention gradient
+    gl, ga = grads[1], grads[2]
+    assert torch.all(gl[:, 1:3, 0, :, 0] == 0) and torch.all(ga[:, 1:3, 0, :, 0] == 0)
+    assert torch.all(gl[:, 4, -1, :, -1] == 0) and torch.all(ga[:, 4, -1, :, -1] == 0)
+    assert torch.all(ga[:, 0, 0, :, 0] != 0)  # partly outside: still sampled
+
+
+def test_gather_edge_locations_and_inputs_untouched():
+    """Pixel centres, map borders, far-away and non-finite locations; non-contiguous inputs; the
+    inputs are not modified (the attention weights are masked in a copy)."""
+    value, shapes, starts, loc, attn = edge_inputs(9)
+    loc[:, 7, :, :, 0] = float("inf")
+    loc[:, 8, :, :, 0] = float("nan")
+    loc_nc = loc.transpose(0, 1).contiguous().transpose(0, 1)
+    attn_nc = attn.transpose(1, 2).contiguous().transpose(1, 2)
+    before = [t.clone() for t in (value, loc, attn)]
+    g = torch.randn(1, 9, 6, dtype=torch.float64)
+    out, (gv, gl, ga) = gather_fwd_bwd((value, shapes, starts, loc_nc, attn_nc), g)
+    for t, b in zip((value, loc_nc, attn_nc), before):
+        assert torch.equal(t, b) or torch.equal(t.isnan(), b.isnan())
+    assert torch.isfinite(out).all() and torch.isfinite(gv).all() and torch.isfinite(ga).all()
+    assert torch.isfinite(gl).all()
+    assert torch.all(out[:, 4:6] == 0) and torch.all(gl[:, 4:6] == 0) and torch.all(ga[:, 4:6] == 0)
+    assert torch.all(ga[:, 7:9, :, :, 0] == 0) and torch.all(gl[:, 7:9, :, :, 0] == 0)
+    finite = list(range(7))  # grid_sample has no defined result for inf / NaN locations
+    out_r, grads_r, _ = fwd_bwd("oracle", (value, shapes, starts, loc[:, finite], attn[:, finite]),
+                                g[:, finite])
+    out_f, grads_f = gather_fwd_bwd((value, shapes, starts, loc[:, finite], attn[:, finite]), g[:, finite])
+    torch.testing.assert_close(out[:, finite], out_r, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out_f, out_r, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads_f[0], grads_r[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grads_f[2], grads_r[2], atol=1e-10, rtol=1e-10)
+    # d/d loc is one-sided at integer pixel positions (queries 0, 3, 6), where grid_sample's own
+    # coordinate rounding may pick the other side: compare the smooth queries only
+    smooth = [1, 2, 4, 5]
+    torch.testing.assert_close(grads_f[1][:, smooth], grads_r[1][:, smooth], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_gather_low_precision_vs_float64_oracle(dtype):
+    inputs = make_inputs(2, [(6, 8), (3, 4)], 2, 12, 5, 2, dtype=dtype, seed=5)
+    g = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out, grads = gather_fwd_bwd(inputs, g.to(dtype))
+    inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
+    out_r, grads_r, _ = fwd_bwd("oracle", inputs64, g.to(dtype).double())
+    rel = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    for name, a, e in [("out", out, out_r)] + list(zip(("value", "loc", "attn"), grads, grads_r)):
+        assert a.dtype == dtype, name
+        err = float((a.double() - e).abs().max())
+        assert err <= rel * float(e.abs().max()) + rel, f"{name}: max error {err}"
+
+
+def test_gather_mixed_dtypes_and_partial_grads():
+    value, shapes, starts, loc, attn = make_inputs(1, [(4, 4), (2, 2)], 2, 4, 3, 2, dtype=torch.float64)
+    v32, a32 = value.float().requires_grad_(), attn.float()
+    loc64 = loc.clone().requires_grad_()
+    out = ms_deform_attn_gather(v32, shapes, starts, loc64, a32)  # computed in float64
+    assert out.dtype == torch.float32
+    gv, gl = torch.autograd.grad(out.sum(), (v32, loc64))
+    assert gv.dtype == torch.float32 and gl.dtype == torch.float64
+    _, grads_r, _ = fwd_bwd("oracle", (v32.detach().double(), shapes, starts, loc, a32.double()),
+                            torch.ones(1, 3, 8, dtype=torch.float64))
+    torch.testing.assert_close(gv.double(), grads_r[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gl, grads_r[1], atol=1e-6, rtol=1e-6)
+    # only the gradients asked for are computed
+    ones = torch.ones(1, 3, 8, dtype=torch.float64)
+    _, grads64, _ = fwd_bwd("oracle", (value, shapes, starts, loc, attn), ones)
+    grads = gather_backward(build_gather_plan(value, shapes, starts, loc, attn), ones,
+                            (False, True, False))
+    assert grads[0] is None and grads[2] is None
+    torch.testing.assert_close(grads[1], grads64[1], atol=1e-10, rtol=1e-10)
+
+
+def test_gather_large_size_paths(monkeypatch):
+    """int64 indices and float64 row arithmetic (used for huge tables) give the same results."""
+    from smca_detr.layers.msda import gather
+
+    inputs = make_inputs(2, [(5, 7), (3, 2)], 2, 4, 6, 3, seed=4)
+    g = torch.randn(2, 6, 8)
+    out, grads = gather_fwd_bwd(inputs, g)
+    assert build_gather_plan(*inputs).rows.dtype == torch.int32
+    monkeypatch.setattr(gather, "INT32_LIMIT", 0)
+    monkeypatch.setattr(gather, "FLOAT32_EXACT_LIMIT", 0)
+    assert build_gather_plan(*inputs).rows.dtype == torch.int64
+    out_l, grads_l = gather_fwd_bwd(inputs, g)
+    torch.testing.assert_close(out_l, out)
+    for a, e in zip(grads_l, grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_gather_empty_and_no_grad():
+    value, shapes, starts, loc, attn = make_inputs(2, [(3, 4), (2, 2)], 2, 4, 3, 2)
+    leaves = [t.clone().requires_grad_() for t in (value, loc[:, :0], attn[:, :0])]
+    out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], impl="pytorch")
+    assert out.shape == (2, 0, 8)
+    out.sum().backward()
+    assert torch.all(leaves[0].grad == 0) and leaves[1].grad.shape == (2, 0, 2, 2, 2, 2)
+    with torch.no_grad():
+        out = ms_deform_attn(*(t.requires_grad_() if t.is_floating_point() else t
+                               for t in (value, shapes, starts, loc, attn)), impl="pytorch")
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, shapes, starts, loc, attn))
+
+
 # ----------------------------------------------------------------------------- triton (interpreter)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -155,7 +347,7 @@ def test_triton_matches_reference(interpret, case, dtype):
     after = launches()
     assert after.get(("fwd", "interpret"), 0) == before.get(("fwd", "interpret"), 0) + 1
     assert after.get(("bwd", "interpret"), 0) == before.get(("bwd", "interpret"), 0) + 1
-    out_r, grads_r, _ = fwd_bwd("pytorch", inputs, g)
+    out_r, grads_r, _ = fwd_bwd("oracle", inputs, g)
     assert out_t.dtype == dtype and out_t.shape == (B, Q, M * D)
     torch.testing.assert_close(out_t, out_r, **TOL[dtype])
     for name, a, e in zip(("value", "sampling_locations", "attention_weights"), grads_t, grads_r):
@@ -174,9 +366,10 @@ def test_triton_kernels_really_run_in_interpreter(interpret, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("PyTorch reference used on the Triton path")
 
-    # the custom op imports the reference functions into op.py: make both unusable
-    monkeypatch.setattr(msda_op, "ms_deform_attn_pytorch", boom)
-    monkeypatch.setattr(msda_op, "ms_deform_attn_pytorch_backward", boom)
+    # the custom op imports the PyTorch functions into op.py: make them all unusable
+    for name in ("ms_deform_attn_pytorch", "ms_deform_attn_pytorch_backward", "ms_deform_attn_gather",
+                 "ms_deform_attn_gather_backward", "gather_forward"):
+        monkeypatch.setattr(msda_op, name, boom)
     monkeypatch.setattr(reference, "ms_deform_attn_pytorch", boom)
     value, shapes, starts, loc, attn = make_inputs(1, [(3, 4)], 2, 5, 3, 2)
     loc.requires_grad_()
@@ -193,7 +386,7 @@ def test_triton_half_precision(interpret, dtype):
     out_t, grads_t, g = fwd_bwd("triton", inputs)
     # oracle: the same (rounded) inputs in float64
     inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
-    out_r, grads_r, _ = fwd_bwd("pytorch", inputs64, g.double())
+    out_r, grads_r, _ = fwd_bwd("oracle", inputs64, g.double())
     rel = 1e-2 if dtype == torch.float16 else 4e-2
     for name, a, e in [("out", out_t, out_r)] + list(zip(("value", "loc", "attn"), grads_t, grads_r)):
         assert a.dtype == dtype, name
@@ -203,20 +396,10 @@ def test_triton_half_precision(interpret, dtype):
 
 def test_triton_edge_locations(interpret):
     """Pixel centres, map borders, far-away and huge locations; non-contiguous inputs."""
-    value, shapes, starts, loc, attn = make_inputs(1, [(4, 5), (2, 3)], 2, 3, 8, 2, dtype=torch.float64)
-    W = shapes[:, 1].double().view(1, 1, 1, 2, 1)
-    H = shapes[:, 0].double().view(1, 1, 1, 2, 1)
-    loc[:, 0, ..., 0] = (torch.arange(2).view(1, 1, 1, 2) + 0.5) / W[..., 0]  # exact pixel centres
-    loc[:, 0, ..., 1] = 1.5 / H[..., 0]
-    loc[:, 1] = 0.0
-    loc[:, 2] = 1.0
-    loc[:, 3, :, :, :, 0] = -0.5 / W  # x = -1 exactly
-    loc[:, 4] = 1e8
-    loc[:, 5] = -1e8
-    loc[:, 6, :, :, :, 1] = 1 + 0.5 / H  # y = H exactly
+    value, shapes, starts, loc, attn = edge_inputs(8)
     out_t, grads_t, g = fwd_bwd("triton", (value, shapes, starts, loc.transpose(0, 1).contiguous()
                                            .transpose(0, 1), attn))
-    out_r, grads_r, _ = fwd_bwd("pytorch", (value, shapes, starts, loc, attn), g)
+    out_r, grads_r, _ = fwd_bwd("oracle", (value, shapes, starts, loc, attn), g)
     assert torch.all(out_t[:, 4:6] == 0)
     torch.testing.assert_close(out_t, out_r, atol=1e-12, rtol=1e-10)
     gv, gl, ga = grads_t
@@ -263,13 +446,17 @@ def test_auto_on_cpu_uses_pytorch_and_logs_once(monkeypatch):
     records = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    monkeypatch.setattr(msda_op.logger, "level", logging.INFO)
+    # (setLevel, not an assignment to .level: it also clears the logger's isEnabledFor cache,
+    # which the resolve_impl call above filled while the level was WARNING)
+    old_level = msda_op.logger.level
+    msda_op.logger.setLevel(logging.INFO)
     msda_op.logger.addHandler(handler)
     try:
         out1 = ms_deform_attn(*inputs, impl="auto")
         out2 = ms_deform_attn(*inputs, impl="auto")
     finally:
         msda_op.logger.removeHandler(handler)
+        msda_op.logger.setLevel(old_level)
     assert launches() == before
     torch.testing.assert_close(out1, ms_deform_attn_pytorch(*inputs))
     assert torch.equal(out1, out2)
@@ -499,7 +686,7 @@ def test_triton_cuda_matches_reference(dtype, monkeypatch):
         assert resolve_impl("auto", inputs[0].device) == "triton"
         out_t, grads_t, g = fwd_bwd("triton", inputs)
         inputs64 = [t.double() if t.is_floating_point() else t for t in inputs]
-        out_r, grads_r, _ = fwd_bwd("pytorch", inputs64, g.double())
+        out_r, grads_r, _ = fwd_bwd("oracle", inputs64, g.double())
         rel = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
         for name, a, e in [("out", out_t, out_r)] + list(zip(("value", "loc", "attn"), grads_t, grads_r)):
             assert a.dtype == dtype and a.device.type == "cuda", name

@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (MSDA) op: PyTorch reference, Triton kernels, custom op.
+"""Multi-scale deformable attention (MSDA) op: PyTorch gather (CPU path), grid_sample reference,
+Triton kernels, custom op.
 
 Importing this package never imports triton (the kernels are loaded on first Triton use).
 """
@@ -11,6 +12,7 @@ from .op import (
     resolve_impl,
     triton_available,
 )
+from .gather import ms_deform_attn_gather, ms_deform_attn_gather_backward
 from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "MSDA_OP_NAME",
     "add_msda_flop_handle",
     "ms_deform_attn",
+    "ms_deform_attn_gather",
+    "ms_deform_attn_gather_backward",
     "ms_deform_attn_pytorch",
     "ms_deform_attn_pytorch_backward",
     "msda_flop_jit",

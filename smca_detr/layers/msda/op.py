@@ -7,11 +7,13 @@ impl="auto") -> Tensor [B, Q, M*D]`` (shapes: see :mod:`.reference`).
 
 ``impl``:
 
-* ``"pytorch"``: pure PyTorch, any device and dtype. When a gradient is needed (grad mode on and
-  an input requires grad) it is the ``grid_sample`` path (:func:`.reference.ms_deform_attn_pytorch`,
-  the test oracle), differentiated by autograd (so also twice-differentiable); otherwise (inference)
-  the faster single-``embedding_bag`` gather (:func:`.reference.ms_deform_attn_gather`, same
-  result up to float rounding).
+* ``"pytorch"``: pure PyTorch, any device and dtype (no compiled extension). Without a gradient to
+  compute (inference) it is the sparse gather of :mod:`.gather` (one ``F.embedding_bag``). When a
+  gradient is needed (grad mode on and an input requires grad): on CPU the same gather as an
+  autograd function with its analytic backward (:func:`.gather.ms_deform_attn_gather`: a sampled
+  dense-dense product and a sorted transposed gather, no ``[B*M, D, Q, L*P]`` intermediate;
+  differentiable once); on other devices the ``grid_sample`` path
+  (:func:`.reference.ms_deform_attn_pytorch`, the test oracle), differentiated by autograd.
 * ``"triton"``: the Triton kernels through the custom op ``smca_detr::ms_deform_attn`` (autograd via
   ``register_autograd`` and the custom op ``smca_detr::ms_deform_attn_backward``; differentiable
   once, no double backward). Needs triton and CUDA tensors; on CPU tensors it runs the Triton
@@ -28,9 +30,10 @@ attention_weights, use_triton) -> Tensor`` and ``smca_detr::ms_deform_attn_backw
 ..., use_triton) -> (grad_value, grad_sampling_locations, grad_attention_weights)``. Both have fake
 (meta) implementations, so shape propagation, ``torch.compile`` and ``torch.export`` see an
 opaque op of the right shape (``torch.compile(..., fullgraph=True)`` of ``MSDeformAttn`` with
-``impl="triton"`` is tested; the impl is resolved once at trace time). ``use_triton=False`` runs the
-PyTorch reference inside the op (and the analytic reference backward), so the op works on every
-device.
+``impl="triton"`` is tested; the impl is resolved once at trace time). ``use_triton=False`` runs
+PyTorch inside the op, so the op works on every device: on CPU the gather forward and its analytic
+backward (:mod:`.gather`; the backward rebuilds the corner rows), elsewhere the ``grid_sample``
+reference and its analytic backward.
 
 FLOP counting (fvcore)
 ----------------------
@@ -58,7 +61,13 @@ from typing import Any, List, Tuple
 import torch
 from torch import Tensor
 
-from .reference import ms_deform_attn_gather, ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
+from .gather import (
+    build_gather_plan,
+    gather_forward,
+    ms_deform_attn_gather,
+    ms_deform_attn_gather_backward,
+)
+from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
 __all__ = [
     "ms_deform_attn",
@@ -150,9 +159,10 @@ def _msda_op(
         return ms_deform_attn_triton_forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
-    return ms_deform_attn_pytorch(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.device.type == "cpu":
+        return gather_forward(build_gather_plan(*args)).to(value.dtype)
+    return ms_deform_attn_pytorch(*args)
 
 
 @_msda_op.register_fake
@@ -181,6 +191,8 @@ def _msda_backward_op(
         from .triton_kernels import ms_deform_attn_triton_backward
 
         return ms_deform_attn_triton_backward(*args)
+    if value.device.type == "cpu":
+        return ms_deform_attn_gather_backward(*args)
     return ms_deform_attn_pytorch_backward(*args)
 
 
@@ -253,12 +265,12 @@ def ms_deform_attn(
             backend == "triton",
         )
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if torch.is_grad_enabled() and (
+    if value.device.type != "cpu" and torch.is_grad_enabled() and (
         value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     ):
-        # training: autograd through grid_sample has the faster backward on CPU
+        # (the analytic gather backward is kept to CPU, where it is tested; GPUs have Triton)
         return ms_deform_attn_pytorch(*args)
-    # no gradient needed (inference): one embedding_bag, no [B*M, D, Q, L*P] intermediate
+    # CPU training, and inference anywhere: the sparse gather (analytic backward when needed)
     return ms_deform_attn_gather(*args)
 
 

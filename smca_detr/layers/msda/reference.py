@@ -1,4 +1,5 @@
-"""Pure-PyTorch multi-scale deformable attention (MSDA) core: the CPU path and the test oracle.
+"""Pure-PyTorch multi-scale deformable attention (MSDA) core with ``grid_sample``: the test oracle
+(the fast CPU path is :mod:`.gather`).
 
 Semantics (identical to the official Deformable DETR op):
 
@@ -30,7 +31,6 @@ from torch import Tensor
 __all__ = [
     "ms_deform_attn_pytorch",
     "ms_deform_attn_pytorch_backward",
-    "ms_deform_attn_gather",
     "level_slices",
 ]
 
@@ -165,71 +165,3 @@ def ms_deform_attn_pytorch_backward(
         grad_value[:, start:start + h * w] += gv.view(B, M, D, h * w).permute(0, 3, 1, 2)
         grad_loc[:, :, :, lvl] = 2 * gg.view(B, M, Q, P, 2).transpose(1, 2)
     return grad_value.to(dtypes[0]), grad_loc.to(dtypes[1]), grad_attn.to(dtypes[2])
-
-
-def ms_deform_attn_gather(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
-    """Fast MSDA forward as ONE ``F.embedding_bag`` over all levels, heads and points.
-
-    Same contract and result as :func:`ms_deform_attn_pytorch` (up to float rounding). Written
-    as a sparse weighted gather: every (batch, query, head) is one "bag" of ``L * P * 4``
-    value rows (the 4 bilinear corners of each sampling point), and the bag weight of a corner is
-    ``attention weight * bilinear corner weight``. ``value [B, S, M, D]`` viewed as a table of
-    ``B * S * M`` rows of ``D`` channels is used in place (no copy); row ``(b * S + s) * M + m``.
-    Bags are ordered ``(b, q, m)``, so the ``[B * Q * M, D]`` result is already ``[B, Q, M * D]``.
-    Nothing of size ``D * L * P`` per query is materialised (the grid_sample path builds
-    ``[B*M, D, Q, L*P]`` samples, then a product of the same size).
-
-    Zero padding: corners outside their level's map get weight 0 (their index is clamped into the
-    map, so the row read is valid but contributes nothing), which is exactly grid_sample's
-    ``padding_mode="zeros"``. Corner positions are ``floor(x * W_l - 0.5) + {0, 1}`` like
-    grid_sample's (``align_corners=False``).
-
-    Differentiable by autograd (embedding_bag's backward; gradients to the locations flow through
-    the bilinear weights), but its backward (a sort of all indices) is slower on CPU than the
-    grid_sample path's, so :func:`~smca_detr.layers.msda.ms_deform_attn` uses it only when no
-    gradient is needed. At exact integer pixel coordinates (kinks of bilinear interpolation) the
-    location gradient may pick the other one-sided derivative than grid_sample.
-    """
-    levels = level_slices(spatial_shapes, level_start_index)
-    _check_shapes(value, sampling_locations, attention_weights, len(levels))
-    out_dtype = value.dtype
-    value, sampling_locations, attention_weights = _promote(value, sampling_locations, attention_weights)
-    B, S, M, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    dev = value.device
-    shapes = spatial_shapes.to(dev)
-    h_i = shapes[:, 0].view(L, 1, 1)  # [L, 1(P), 1(corner)] int64
-    w_i = shapes[:, 1].view(L, 1, 1)
-    # pixel coordinates (grid_sample, align_corners=False): x * W - 0.5            [B, Q, M, L, P]
-    x = sampling_locations[..., 0] * w_i.squeeze(-1).to(value.dtype) - 0.5
-    y = sampling_locations[..., 1] * h_i.squeeze(-1).to(value.dtype) - 0.5
-    x0 = x.detach().floor()
-    y0 = y.detach().floor()
-    fx = (x - x0).unsqueeze(-1)
-    fy = (y - y0).unsqueeze(-1)
-    two = torch.arange(2, device=dev)
-    xi = x0.long().unsqueeze(-1) + two  # [B, Q, M, L, P, 2] corner columns
-    yi = y0.long().unsqueeze(-1) + two  # corner rows
-    wx = torch.cat([1 - fx, fx], -1) * ((xi >= 0) & (xi < w_i))
-    wy = torch.cat([1 - fy, fy], -1) * ((yi >= 0) & (yi < h_i))
-    weights = (attention_weights.unsqueeze(-1) * wy).unsqueeze(-1) * wx.unsqueeze(-2)  # [.., 2y, 2x]
-    xi = xi.clamp_(min=0).minimum(w_i - 1)
-    yi = yi.clamp_(min=0).minimum(h_i - 1)
-    start = level_start_index.to(dev).view(L, 1, 1)
-    pos = (start + yi * w_i).unsqueeze(-1) + xi.unsqueeze(-2)  # [B, Q, M, L, P, 2, 2] in [0, S)
-    bm = (torch.arange(B, device=dev).view(B, 1, 1, 1, 1, 1, 1) * (S * M)
-          + torch.arange(M, device=dev).view(1, 1, M, 1, 1, 1, 1))
-    rows = pos * M + bm
-    out = F.embedding_bag(
-        rows.view(B * Q * M, L * P * 4),
-        value.reshape(B * S * M, D),
-        per_sample_weights=weights.reshape(B * Q * M, L * P * 4),
-        mode="sum",
-    )
-    return out.view(B, Q, M * D).to(out_dtype)
