@@ -8,9 +8,10 @@ has one query per value position (22223 ~ 20k queries), the decoder case 300 que
 ``--small`` (= ``--size small``) halves the image (400x667) and uses 100 decoder queries;
 ``--size tiny`` is a smoke test (e.g. of the Triton path in the interpreter on CPU).
 
-Implementations: "pytorch" always (forward-only timings use its embedding_bag gather; with
-gradients it is the grid_sample oracle); "oracle" (``--impls oracle``) forces the grid_sample
-oracle ``ms_deform_attn_pytorch`` also for the forward-only timing; "triton" on CUDA when triton imports (or on CPU with
+Implementations: "pytorch" always (the CPU path of smca_detr/layers/msda/gather.py: one
+embedding_bag forward over a zero-ringed value table, sampled_addmm + sorted embedding_bag backward;
+on other devices with gradients the grid_sample oracle); "oracle" (``--impls oracle``) forces the
+grid_sample oracle ``ms_deform_attn_pytorch`` (the official formulation) forward and backward; "triton" on CUDA when triton imports (or on CPU with
 ``TRITON_INTERPRET=1`` and ``--impls triton``, tiny sizes only - the interpreter is very slow).
 Dtypes: float32, plus float16 / bfloat16 on GPU. Ratios are speed-ups relative to the PyTorch
 float32 path of the same case (>1 = faster). Peak memory: CUDA ``max_memory_allocated`` above the
