@@ -1,5 +1,6 @@
 # smca_detr: the two commands of README.md.
-#   make demo   - build the embedded dataset, train + evaluate a detector on CPU, write pictures
+#   make demo   - build the embedded dataset; evaluate the shipped SMCA checkpoint, fine-tune it briefly,
+#                 evaluate again, write pictures (CPU)
 #   make test   - run the test suite
 # Both create or refresh the virtual environment in .venv/ first (reused when up to date).
 
