@@ -335,10 +335,17 @@ def train_chunk(args, model_name, eval_dataset, until, on_point, last_point=None
     trainer.train()
 
 
+def _backbone_name(b):
+    """"18" or "18, res2 width 32" (a width other than the standard 64 of R18/R34)."""
+    width = b.get("width")
+    return f"{b.get('depth', '?')}" + (f", res2 width {width}" if width not in (None, 64, 256) else "")
+
+
 def budget_of(cfg):
     """The shared budget of a config, for the text of table.md."""
     c, sol = cfg.MODEL.SMCA_DETR, cfg.SOLVER
-    return {"depth": cfg.MODEL.RESNETS.DEPTH, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
+    return {"depth": cfg.MODEL.RESNETS.DEPTH, "width": cfg.MODEL.RESNETS.RES2_OUT_CHANNELS,
+            "backbone": cfg.MODEL.BACKBONE.NAME, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
             "weights": cfg.MODEL.WEIGHTS, "hidden_dim": c.HIDDEN_DIM, "nheads": c.NHEADS, "enc_layers": c.ENC_LAYERS,
             "dec_layers": c.DEC_LAYERS, "ffn": c.DIM_FEEDFORWARD, "queries": c.NUM_QUERIES, "dropout": c.DROPOUT,
             "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN), "max_size_train": cfg.INPUT.MAX_SIZE_TRAIN,
@@ -424,7 +431,7 @@ def write_table(path, data, thresholds):
     out.append(f"- Budget (identical for every model): {settings.get('max_iter', '?')} iterations × batch "
                f"{settings.get('ims_per_batch', '?')} (≈ {settings.get('epochs', '?')} epochs), evaluation every "
                f"{settings.get('eval_every', '?')} iterations, seed {settings.get('seed', '?')}. "
-               f"ResNet-{b.get('depth', '?')} from scratch (trainable {b.get('norm', '?')}, freeze_at "
+               f"ResNet-{_backbone_name(b)} from scratch (trainable {b.get('norm', '?')}, freeze_at "
                f"{b.get('freeze_at', '?')}), d = {b.get('hidden_dim', '?')}, {b.get('nheads', '?')} heads, "
                f"{b.get('enc_layers', '?')} encoder + {b.get('dec_layers', '?')} decoder layers, FFN "
                f"{b.get('ffn', '?')}, {b.get('queries', '?')} queries, dropout {b.get('dropout', '?')}, shorter "
@@ -535,7 +542,7 @@ def write_plot(path, data):
         axes[0].legend(fontsize=8)
     s = data.get("settings", {})
     b = s.get("budget", {})
-    fig.suptitle(f"Convergence on {s.get('train_dataset', '?')} (R{b.get('depth', '?')} from scratch, "
+    fig.suptitle(f"Convergence on {s.get('train_dataset', '?')} (R{_backbone_name(b)} from scratch, "
                  f"d={b.get('hidden_dim', '?')}, {b.get('enc_layers', '?')}+{b.get('dec_layers', '?')} layers, "
                  f"batch {s.get('ims_per_batch', '?')}, eval on {s.get('eval_images', '?')} val images, CPU)",
                  fontsize=10)
