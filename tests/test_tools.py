@@ -456,6 +456,30 @@ def test_demo_writes_pictures(tmp_path):
         demo.expand_inputs([str(tmp_path / "missing*.png")])
 
 
+def test_make_demo_evaluates_shipped_weights_finetunes_and_evaluates_again(tmp_path, monkeypatch, capsys):
+    from smca_detr.checkpoint import shipped
+
+    finetune = REPO / "configs" / "demo" / "smca_r18_slim_finetune.yaml"
+    small = ["MODEL.SMCA_DETR.HIDDEN_DIM", "32", "MODEL.SMCA_DETR.DIM_FEEDFORWARD", "32",
+             "MODEL.SMCA_DETR.ENC_LAYERS", "1", "MODEL.SMCA_DETR.DEC_LAYERS", "1",
+             "MODEL.RESNETS.STEM_OUT_CHANNELS", "8", "MODEL.RESNETS.RES2_OUT_CHANNELS", "8",
+             "DATASETS.TRAIN", "('smca_synthetic_tiny_train',)", "DATASETS.TEST", "('smca_synthetic_tiny_val',)",
+             "DATASETS.SYNTHETIC.ROOT", str(tmp_path / "data"), "INPUT.MIN_SIZE_TRAIN", "(96,)",
+             "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128",
+             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path / "demo")]
+    model = model_zoo.build_model_from_config(str(finetune), opts=small + ["MODEL.WEIGHTS", ""])
+    from smca_detr.checkpoint.shipped import export_for_shipping
+
+    torch.save(export_for_shipping({"model": model.state_dict()}), tmp_path / "smca_r18_slim_synthetic.pth")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", str(tmp_path))
+    run_demo = _load_tool("run_demo")
+    assert run_demo.main(["--config-file", str(finetune), "--num-pictures", "2", *small]) == 0
+    out = capsys.readouterr().out
+    assert "of the loaded weights" in out and "after training" in out and "smca_detr://" in out
+    for sub in ("pictures_before", "pictures"):
+        assert len(os.listdir(tmp_path / "demo" / sub)) == 2
+
+
 def test_draw_instances_with_detectron2_visualizer(monkeypatch):
     """detectron2's Visualizer imports cv2 (not needed for boxes): with it, the Visualizer draws."""
     from detectron2.structures import Boxes, Instances

@@ -44,6 +44,7 @@ def write_pictures(cfg, model, out_dir, n, score_thresh=0.3):
     name = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(name)
     mapper = DetrDatasetMapper(cfg, is_train=False)
+    was_training = model.training
     model.eval()
     paths = []
     for d in DatasetCatalog.get(name)[:n]:
@@ -55,6 +56,7 @@ def write_pictures(cfg, model, out_dir, n, score_thresh=0.3):
         path = os.path.join(out_dir, os.path.basename(d["file_name"]).rsplit(".", 1)[0] + ".jpg")
         vis.save(path)
         paths.append(path)
+    model.train(was_training)  # the demo trains after drawing the loaded weights' detections
     return paths
 
 
@@ -78,13 +80,15 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     from smca_detr.data import ensure_synthetic
+    from smca_detr.data.synthetic import SPLITS
     from smca_detr.engine import Trainer, setup
 
     cfg = setup(argparse.Namespace(config_file=args.config_file, opts=args.opts, eval_only=False,
                                    resume=False, num_gpus=1))
     setup_logger(name="smca_detr")
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        ensure_synthetic(name)
+        if name in SPLITS:  # the embedded dataset is generated on first use; other datasets as registered
+            ensure_synthetic(name)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)  # loads MODEL.WEIGHTS (the shipped checkpoint) if set
     before, pictures_before, t_eval0 = None, [], 0.0
