@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The ``--eval-only`` evaluation + benchmark report of several models, as one Markdown table.
 
-For every ``LABEL=CONFIG=WEIGHTS`` it does what ``train_net.py --config-file CONFIG --eval-only
-MODEL.WEIGHTS WEIGHTS`` does (COCOEvaluator on cfg.DATASETS.TEST, then the benchmark report of
+For every ``LABEL=CONFIG=WEIGHTS`` it runs ``train_net.py --config-file CONFIG --eval-only
+MODEL.WEIGHTS WEIGHTS`` (its ``main``, in this process) (COCOEvaluator on cfg.DATASETS.TEST, then the benchmark report of
 smca_detr/engine/report.py written to ``<work-dir>/<label>/inference/benchmark_report.json``) and
 collects AP / AP50 / AP75, ms per image, images/s, peak memory, parameters and GFLOPs:
 
@@ -42,19 +42,23 @@ def parse_run(text: str):
 
 
 def evaluate(label, config, weights, opts, work_dir):
-    from smca_detr.engine import Trainer, setup
-    from smca_detr.engine.checkpointer import SmcaDetrCheckpointer
-    from smca_detr.engine.report import write_benchmark_report
+    """``train_net.py --config-file CONFIG --eval-only ... MODEL.WEIGHTS WEIGHTS`` (its ``main``), then
+    the AP of its results and the fields of the benchmark report it wrote."""
+    from detectron2.engine import default_argument_parser
+
+    import train_net
+    from smca_detr.engine.report import REPORT_FILENAME
 
     weights = resolve_weights(weights)
     out = os.path.join(work_dir, label.replace(" ", "_").replace("/", "_"))
-    args = argparse.Namespace(config_file=config, eval_only=True, resume=False, num_gpus=1,
-                              opts=list(opts) + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", out])
-    cfg = setup(args)
-    model = Trainer.build_model(cfg)
-    SmcaDetrCheckpointer(model, save_dir=out).load(weights)
-    results = Trainer.test(cfg, model)
-    report = write_benchmark_report(cfg, model)
+    args = default_argument_parser().parse_args(
+        ["--config-file", config, "--eval-only", *map(str, opts), "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out])
+    results = train_net.main(args)
+    report_path = os.path.join(out, "inference", REPORT_FILENAME)
+    if not os.path.isfile(report_path):
+        raise RuntimeError(f"{label}: the --eval-only run wrote no {report_path} (see its log for the warning)")
+    with open(report_path) as f:
+        report = json.load(f)
     bbox = results.get("bbox", {}) if results else {}
     return {"label": label, "config": os.path.relpath(config, REPO), "weights": weights,
             "dataset": report.get("dataset"), "AP": bbox.get("AP"), "AP50": bbox.get("AP50"),

@@ -37,6 +37,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from smca_detr.utils.speed import synchronize
+
 __all__ = ["benchmark_report", "write_benchmark_report", "eval_only_report", "format_report", "count_flops",
            "sdpa_flop_jit", "count_parameters", "PeakMemory",
            "REPORT_FILENAME", "REPORT_FIELDS"]
@@ -202,11 +204,6 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip() else default
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -256,13 +253,13 @@ def benchmark_report(cfg, model: nn.Module, data_loader: Optional[Iterable] = No
         with torch.no_grad():
             for batch in _progress(warm, len(warm), "report warm-up", progress):
                 model(batch)
-            _sync(device)
+            synchronize(device)
             with PeakMemory(device) as mem:
                 for batch in _progress(timed, len(timed), "report timing", progress):
-                    _sync(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                     model(batch)
-                    _sync(device)
+                    synchronize(device)
                     times.append((time.perf_counter() - t0) / len(batch))
         flops = count_flops(model, batches[0][0])
     finally:
