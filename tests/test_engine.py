@@ -201,6 +201,28 @@ def test_full_model_clipping_clips_unscaled_gradients_under_gradscaler():
     assert _grad_norm(net2) == pytest.approx(before) and before > 1
 
 
+def test_fused_adamw_is_used_on_cpu_and_updates_like_the_loop():
+    torch.manual_seed(0)
+    nets = [_TwoLayer().double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = build_optimizer(make_cfg(), nets[0])
+    loop = build_optimizer(make_cfg(extra=["SOLVER.FUSED_OPTIMIZER", "False"]), nets[1])
+    assert fused.defaults.get("fused") is True and not loop.defaults.get("fused")
+    x = torch.randn(16, 4, dtype=torch.float64) * 10
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, loop)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    assert fused.last_grad_norm.item() == pytest.approx(loop.last_grad_norm.item(), rel=1e-12)
+    for p, q in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(nets[0].head.weight, _TwoLayer().double().head.weight)
+    # SGD has no fused flag here: left alone
+    sgd = build_optimizer(make_cfg(extra=["SOLVER.OPTIMIZER", "SGD"]), _TwoLayer())
+    assert not sgd.defaults.get("fused")
+
+
 def test_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_dataset):
     seed_all_rng(0)
     cfg = make_cfg()

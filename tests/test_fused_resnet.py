@@ -6,7 +6,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 from smca_detr.config import add_smca_detr_config
-from smca_detr.modeling.fused_resnet import fused_resnet_forward, fused_resnet_supported
+from smca_detr.modeling.fused_resnet import fused_frozen_prefix, fused_resnet_forward, fused_resnet_supported
 
 
 def _cfg(depth, norm, out_features, width=None, freeze_at=0, name="build_resnet_backbone"):
@@ -31,6 +31,7 @@ def _randomize_norms(model, gen):
             m.running_var.data.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
+@pytest.mark.parametrize("winograd_min_channels", [0, 1])
 @pytest.mark.parametrize(
     "depth,norm,width,out_features,name",
     [
@@ -39,7 +40,13 @@ def _randomize_norms(model, gen):
         (18, "BN", 8, ["stem", "res3", "res4"], "build_slim_resnet_backbone"),
     ],
 )
-def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_features, name):
+def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_features, name, winograd_min_channels,
+                                                monkeypatch):
+    from smca_detr.modeling import fused_resnet as fused_mod
+
+    wino_calls = []
+    real_wino = fused_mod.winograd_conv3x3
+    monkeypatch.setattr(fused_mod, "winograd_conv3x3", lambda *a, **k: wino_calls.append(1) or real_wino(*a, **k))
     gen = torch.Generator().manual_seed(0)
     cfg = _cfg(depth, norm, out_features, width, name=name)
     cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 2  # bottleneck width of res2 (R50 only)
@@ -51,7 +58,9 @@ def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_feature
         ok, why = fused_resnet_supported(body, x)
         assert ok, why
         ref = body(x)
-        out = fused_resnet_forward(body, x)
+        out = fused_resnet_forward(body, x, winograd_min_channels)
+    # every 3x3 stride-1 conv goes through Winograd when the threshold allows it (none at 0)
+    assert (len(wino_calls) > 0) == (winograd_min_channels > 0)
     assert sorted(out) == sorted(ref)
     for k in ref:
         assert out[k].shape == ref[k].shape and out[k].is_contiguous()
@@ -97,14 +106,19 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
     cfg = _cfg(18, "FrozenBN", ["res4"], 8, name="build_slim_resnet_backbone")
     calls = []
     real = backbone_mod.fused_resnet_forward
-    monkeypatch.setattr(backbone_mod, "fused_resnet_forward", lambda b, x: calls.append(1) or real(b, x))
+    monkeypatch.setattr(backbone_mod, "fused_resnet_forward", lambda b, x, w, **k: calls.append(w) or real(b, x, w, **k))
     for flag, expected in ((True, 1), (False, 0)):
         calls.clear()
         cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE = flag
+        cfg.MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS = 16
         bb = DetrBackbone(cfg, ["res4"]).eval()
         with torch.no_grad():
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
+        assert calls == [16] * expected  # the configured Winograd threshold reaches the fused path
+    cfg.MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS = -1
+    with pytest.raises(ValueError, match="WINOGRAD_MIN_CHANNELS"):
+        DetrBackbone(cfg, ["res4"])
 
 
 def test_fused_resnet_not_used_while_tracing():
@@ -120,3 +134,61 @@ def test_fused_resnet_not_used_while_tracing():
     with torch.no_grad():
         torch.jit.trace(probe, (x,), check_trace=False)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("freeze_at,expected", [(0, 0), (1, 1), (2, 2), (3, 3)])
+def test_frozen_prefix_counts_frozen_leading_stages(freeze_at, expected):
+    cfg = _cfg(50, "FrozenBN", ["res4"], 8, freeze_at=freeze_at)
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 2
+    body = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    x = torch.randn(1, 3, 32, 32)
+    assert fused_frozen_prefix(body, x) == expected
+    assert fused_frozen_prefix(body, x.requires_grad_()) == 0  # a gradient w.r.t. the image is wanted
+    assert fused_frozen_prefix(body, x.detach().double()) == 0
+
+
+def test_trainable_bn_stages_are_not_fused():
+    # FREEZE_AT 1 with trainable BatchNorm: res2 uses batch statistics in training, cannot be folded
+    cfg = _cfg(18, "BN", ["res3"], 8, freeze_at=1, name="build_slim_resnet_backbone")
+    body = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    assert fused_frozen_prefix(body, torch.randn(1, 3, 32, 32)) == 1
+
+
+@pytest.mark.parametrize("freeze_at,train_winograd", [(2, 0), (2, 1), (0, 1), (0, 0)])
+def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypatch):
+    """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; with a
+    Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op. Outputs
+    and the gradients of every trainable parameter equal detectron2's own forward/backward."""
+    from smca_detr.modeling import fused_resnet as fused_mod
+
+    gen = torch.Generator().manual_seed(1)
+    cfg = _cfg(50, "FrozenBN", ["res3", "res4", "res5"], 8, freeze_at=freeze_at)
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 2
+    torch.manual_seed(1)
+    body = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    _randomize_norms(body, gen)
+    x = torch.randn(2, 3, 64, 72, generator=gen)
+    fused_calls, wino_calls = [], []
+    real_conv, real_wino = fused_mod._conv, fused_mod.winograd_conv3x3_train
+    monkeypatch.setattr(fused_mod, "_conv", lambda *a, **k: fused_calls.append(1) or real_conv(*a, **k))
+    monkeypatch.setattr(fused_mod, "winograd_conv3x3_train", lambda *a, **k: wino_calls.append(1) or real_wino(*a, **k))
+    outs = fused_mod.fused_training_forward(body, x, winograd_min_channels=1, train_winograd_min_channels=train_winograd)
+    if freeze_at == 0 and train_winograd == 0:
+        assert outs is None  # nothing to speed up: the caller runs detectron2's forward
+        return
+    # FREEZE_AT 2: stem + res2's 3 blocks x (conv1, conv2) through _conv (conv3 is fused with the
+    # residual add; no shortcut conv: res2 keeps the stem's 8 channels here), nothing of res3+
+    assert len(fused_calls) == (1 + 3 * 2 if freeze_at == 2 else 0)
+    # trainable blocks with a stride-1 3x3 conv (torchvision layout: the first block of res3-res5
+    # strides in its 3x3 conv, which stays on oneDNN)
+    n_stride1 = 3 + 5 + 2 if freeze_at == 2 else 3 + 3 + 5 + 2
+    assert len(wino_calls) == (n_stride1 if train_winograd else 0)
+    weights = [p for p in body.parameters() if p.requires_grad]
+    coefs = {k: torch.randn(v.shape, generator=gen) for k, v in outs.items()}
+    grads = torch.autograd.grad(sum((outs[k] * coefs[k]).sum() for k in outs), weights)
+    ref = body(x)
+    ref_grads = torch.autograd.grad(sum((ref[k] * coefs[k]).sum() for k in ref), weights)
+    for k in ref:
+        torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))

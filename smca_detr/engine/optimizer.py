@@ -18,6 +18,7 @@ Because the clipping lives in ``step()``, it composes with ``GradScaler``: ``sca
 unscales the gradients first and then calls ``opt.step()``, so the norm is taken on true gradients
 (and the step is skipped altogether when the scaler found inf/NaN).
 """
+import inspect
 import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Type
@@ -149,6 +150,23 @@ def _optimizer_class(cfg) -> Type[torch.optim.Optimizer]:
                      f"of {list(_CLIP_TYPES)}")
 
 
+def _fused_kwargs(cls: Type[torch.optim.Optimizer], groups: List[dict], wanted: bool) -> dict:
+    """``{"fused": True}`` when ``cls`` (Adam / AdamW) takes it and every parameter lives on a device
+    and dtype whose fused kernel exists in this PyTorch; else ``{}`` (the per-tensor loop)."""
+    if not wanted or not issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
+        return {}
+    base = next(c for c in cls.__mro__ if c in (torch.optim.Adam, torch.optim.AdamW))  # past our wrappers
+    if "fused" not in inspect.signature(base.__init__).parameters:
+        return {}
+    foreach_utils = getattr(torch.utils, "_foreach_utils", None)
+    supported = getattr(foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
+    params = [p for g in groups for p in g["params"]]
+    ok = bool(params) and all(p.device.type in supported and p.is_floating_point()
+                              and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                              for p in params)
+    return {"fused": True} if ok else {}
+
+
 def build_optimizer(cfg, model: nn.Module, param_groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.SOLVER`` over the trainable parameters of ``model`` (see module doc)."""
     cls = _optimizer_class(cfg)
@@ -159,7 +177,8 @@ def build_optimizer(cfg, model: nn.Module, param_groups: Optional[List[dict]] = 
         optimizer = cls(groups, lr=base_lr, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
                         weight_decay=weight_decay)
     else:
-        optimizer = cls(groups, lr=base_lr, weight_decay=weight_decay)
+        optimizer = cls(groups, lr=base_lr, weight_decay=weight_decay,
+                        **_fused_kwargs(cls, groups, cfg.SOLVER.get("FUSED_OPTIMIZER", True)))
     logger.info(
         "Optimizer %s: %s", type(optimizer).__name__,
         ", ".join(f"{len(g['params'])} tensors at lr x{g.get('lr_multiplier', 1.0):g}" for g in optimizer.param_groups))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from .fused_resnet import fused_resnet_forward, fused_resnet_supported
+from .fused_resnet import fused_resnet_forward, fused_resnet_supported, fused_training_forward
 
 __all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
 
@@ -43,6 +43,12 @@ class DetrBackbone(nn.Module):
         self.body = build_backbone(cfg)
         # fused CPU inference path (fused_resnet.py); checked per call, falls back when not exact
         self.fused_cpu = bool(cfg.MODEL.SMCA_DETR.get("FUSED_CPU_BACKBONE", True))
+        self.winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("WINOGRAD_MIN_CHANNELS", 128))
+        self.train_winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("TRAIN_WINOGRAD_MIN_CHANNELS", 256))
+        for key, value in (("WINOGRAD_MIN_CHANNELS", self.winograd_min_channels),
+                           ("TRAIN_WINOGRAD_MIN_CHANNELS", self.train_winograd_min_channels)):
+            if value < 0:
+                raise ValueError(f"MODEL.SMCA_DETR.{key} must be >= 0 (0 = no Winograd), got {value}")
         shapes = self.body.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if missing:
@@ -59,9 +65,14 @@ class DetrBackbone(nn.Module):
             getattr(self.body, "size_divisibility", 0) or 0, max(s.stride for s in self.output_shapes))
 
     def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        if self.fused_cpu and fused_resnet_supported(self.body, images)[0]:
-            feats = fused_resnet_forward(self.body, images)
-        else:
+        feats = None
+        if self.fused_cpu:
+            if fused_resnet_supported(self.body, images)[0]:
+                feats = fused_resnet_forward(self.body, images, self.winograd_min_channels)
+            else:  # training: fused frozen stages, Winograd 3x3 convolutions in the trainable ones
+                feats = fused_training_forward(self.body, images, self.winograd_min_channels,
+                                               self.train_winograd_min_channels)
+        if feats is None:
             feats = self.body(images)
         mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)
         features = [feats[f] for f in self.in_features]

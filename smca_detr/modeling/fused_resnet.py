@@ -17,6 +17,10 @@ otherwise and the caller falls back to the modules' own forward:
     ``BasicBlock``; deformable blocks or other stems are not fused), every norm foldable
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
   * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
+In training, the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``: the stem and res2 in the DETR
+recipes) take the same fused path without autograd (:func:`fused_frozen_prefix`): nothing upstream of
+them needs a gradient, so this is exact, and it also replaces the training-mode max-pool that keeps
+argmax indices for a backward that never comes.
 Folded weights are cached per convolution and recomputed when any source tensor changes (new
 checkpoint, ``load_state_dict``, in-place edits), keyed on storage pointers and version counters.
 """
@@ -28,7 +32,10 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
-__all__ = ["fused_resnet_supported", "fused_resnet_forward"]
+from ..layers.winograd import (winograd_bias, winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
+                               winograd_weight_differentiable)
+
+__all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
 _BLOCK_TYPES = (BottleneckBlock, BasicBlock)
 
@@ -58,34 +65,82 @@ def _convs_of(block: nn.Module):
     return convs
 
 
+def _environment_unsupported(x: torch.Tensor) -> str:
+    """Why the fused operators cannot run on ``x`` here ("" when they can)."""
+    if torch.jit.is_tracing() or _compiling():
+        return "traced / compiled (FLOP counting, export, torch.compile see the plain modules)"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return "input is not CPU float32"
+    if _cpu_autocast_on():
+        return "CPU autocast is enabled"
+    if not _have_fused_ops():
+        return "this PyTorch build lacks oneDNN fused convolutions"
+    return ""
+
+
+def _convs_unsupported(convs) -> str:
+    for conv in convs:
+        if conv.activation is not None or not _norm_foldable(conv.norm):
+            return f"norm {type(conv.norm).__name__} / activation cannot be folded"
+        if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
+            return "weights are not CPU float32"
+    return ""
+
+
+def _stage_convs(stage) -> list:
+    convs = []
+    for block in stage:
+        if type(block) not in _BLOCK_TYPES:
+            return None
+        convs.extend(_convs_of(block))
+    return convs
+
+
 def fused_resnet_supported(body: nn.Module, x: torch.Tensor) -> Tuple[bool, str]:
     """(ok, reason): whether :func:`fused_resnet_forward` may run ``body`` on ``x``."""
     if not isinstance(body, ResNet) or getattr(body, "num_classes", None) is not None:
         return False, "not a detectron2 ResNet feature extractor"
     if body.training or torch.is_grad_enabled():
         return False, "training or gradients enabled"
-    if torch.jit.is_tracing() or _compiling():
-        return False, "traced / compiled (FLOP counting, export, torch.compile see the plain modules)"
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False, "input is not CPU float32"
-    if _cpu_autocast_on():
-        return False, "CPU autocast is enabled"
-    if not _have_fused_ops():
-        return False, "this PyTorch build lacks oneDNN fused convolutions"
+    why = _environment_unsupported(x)
+    if why:
+        return False, why
     if type(body.stem) is not BasicStem:
         return False, f"stem {type(body.stem).__name__} is not detectron2's BasicStem"
     convs = [body.stem.conv1]
     for stage in body.stages:
-        for block in stage:
-            if type(block) not in _BLOCK_TYPES:
-                return False, f"block {type(block).__name__} is not fused"
-            convs.extend(_convs_of(block))
-    for conv in convs:
-        if conv.activation is not None or not _norm_foldable(conv.norm):
-            return False, f"norm {type(conv.norm).__name__} / activation cannot be folded"
-        if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
-            return False, "weights are not CPU float32"
-    return True, ""
+        stage_convs = _stage_convs(stage)
+        if stage_convs is None:
+            bad = next(b for b in stage if type(b) not in _BLOCK_TYPES)
+            return False, f"block {type(bad).__name__} is not fused"
+        convs.extend(stage_convs)
+    why = _convs_unsupported(convs)
+    return (not why), why
+
+
+def _frozen(modules) -> bool:
+    return all(not p.requires_grad for m in modules for p in m.parameters())
+
+
+def fused_frozen_prefix(body: nn.Module, x: torch.Tensor) -> int:
+    """How many leading parts of ``body`` (1 = the stem, 1 + k = the stem and the first k stages) may
+    run through the fused path while the rest trains: every parameter frozen (``requires_grad``
+    False, e.g. ``MODEL.BACKBONE.FREEZE_AT``), norms foldable (frozen or eval-mode), input without
+    gradient, and the same environment conditions as :func:`fused_resnet_supported`. Nothing
+    upstream of a frozen prefix needs a gradient, so running it without autograd is exact. 0 = none."""
+    if not isinstance(body, ResNet) or type(body.stem) is not BasicStem or x.requires_grad:
+        return 0
+    if _environment_unsupported(x):
+        return 0
+    if not _frozen([body.stem]) or _convs_unsupported([body.stem.conv1]):
+        return 0
+    n = 1
+    for stage in body.stages:
+        convs = _stage_convs(stage)
+        if convs is None or not _frozen(stage) or _convs_unsupported(convs):
+            break
+        n += 1
+    return n
 
 
 def _compiling() -> bool:
@@ -135,7 +190,28 @@ def _folded(conv: nn.Module, cache: Dict[int, tuple]):
     return w, b
 
 
-def _conv(x, conv, cache, relu: bool):
+def _winograd_ok(conv: nn.Module, min_channels: int) -> bool:
+    return (0 < min_channels <= conv.in_channels and tuple(conv.kernel_size) == (3, 3)
+            and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
+
+
+def _winograd_params(conv: nn.Module, cache: Dict[int, tuple]):
+    """(transformed filters, bias term) of the folded conv for :func:`winograd_conv3x3`, cached."""
+    w, b = _folded(conv, cache)
+    key = ("winograd", w.data_ptr(), b.data_ptr())
+    hit = cache.get(("winograd", id(conv)))
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    u, b16 = winograd_weight(w), winograd_bias(b)
+    cache[("winograd", id(conv))] = (key, u, b16)
+    return u, b16
+
+
+def _conv(x, conv, cache, relu: bool, winograd_min_channels: int = 0):
+    if _winograd_ok(conv, winograd_min_channels):
+        u, b16 = _winograd_params(conv, cache)
+        return winograd_conv3x3(x, u, b16, relu=relu)
     w, b = _folded(conv, cache)
     return torch.ops.mkldnn._convolution_pointwise(
         x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
@@ -150,30 +226,101 @@ def _conv_add_relu(x, residual, conv, cache):
         "add", 1.0, "relu", [], "")
 
 
-def _block(x, block, cache):
-    out = _conv(x, block.conv1, cache, relu=True)
+def _block(x, block, cache, winograd_min_channels: int):
+    out = _conv(x, block.conv1, cache, relu=True, winograd_min_channels=winograd_min_channels)
     if isinstance(block, BottleneckBlock):
-        out = _conv(out, block.conv2, cache, relu=True)
+        out = _conv(out, block.conv2, cache, relu=True, winograd_min_channels=winograd_min_channels)
     last = block.conv3 if isinstance(block, BottleneckBlock) else block.conv2
     shortcut = _conv(x, block.shortcut, cache, relu=False) if block.shortcut is not None else x
     return _conv_add_relu(out, shortcut, last, cache)
 
 
-def fused_resnet_forward(body: ResNet, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _differentiable_fold(conv: nn.Module):
+    """(weight, bias) of ``norm(conv(x))`` as one convolution, recorded by autograd (training: the
+    conv weight trains; the norm is frozen or eval-mode, its affine parameters may train too)."""
+    w, b = conv.weight, conv.bias
+    norm = conv.norm
+    if norm is None:
+        return w, b
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    if b is not None:
+        shift = shift + b * scale
+    return w * scale.reshape(-1, 1, 1, 1), shift
+
+
+def _train_winograd_block(block: nn.Module, min_channels: int) -> bool:
+    return (type(block) is BottleneckBlock and block.conv2.activation is None
+            and _norm_foldable(block.conv2.norm) and _winograd_ok(block.conv2, min_channels))
+
+
+def _train_block(x, block):
+    """detectron2's ``BottleneckBlock.forward`` with its 3x3 conv (+ frozen norm) through the
+    differentiable Winograd convolution; everything else through the block's own modules."""
+    out = F.relu_(block.conv1(x))
+    w, b = _differentiable_fold(block.conv2)
+    out = winograd_conv3x3_train(out, winograd_weight_differentiable(w), b)
+    out = F.relu(out.contiguous())  # NCHW again, like the modules around it (output is a view: no in-place)
+    out = block.conv3(out)
+    out += block.shortcut(x) if block.shortcut is not None else x
+    return F.relu_(out)
+
+
+def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: int = 128,
+                         fused_parts: Optional[int] = None,
+                         train_winograd_min_channels: int = 0) -> Dict[str, torch.Tensor]:
     """Same outputs as ``body(x)`` (contiguous NCHW), via folded fused oneDNN convolutions.
 
-    Call only when :func:`fused_resnet_supported` says so."""
+    3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels run through
+    Winograd F(2x2, 3x3) GEMMs instead (:mod:`smca_detr.layers.winograd`; 0 = never). Call only when
+    :func:`fused_resnet_supported` says so; or, in training, with ``fused_parts =
+    fused_frozen_prefix(body, x)``: that frozen prefix is fused (without autograd) and the remaining
+    stages run through their own modules, except that the 3x3 convolutions of bottleneck blocks with
+    at least ``train_winograd_min_channels`` input channels (0 = none) use the differentiable
+    Winograd convolution."""
+    n_fused = 1 + len(body.stages) if fused_parts is None else int(fused_parts)
     cache = body.__dict__.setdefault("_smca_fused_cache", {})
     wanted = set(body._out_features)
     outputs = {}
-    x = x.contiguous(memory_format=torch.channels_last)
-    x = _conv(x, body.stem.conv1, cache, relu=True)
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    if n_fused >= 1:
+        with torch.no_grad():
+            x = x.contiguous(memory_format=torch.channels_last)
+            x = _conv(x, body.stem.conv1, cache, relu=True)
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+            if n_fused == 1:
+                x = x.contiguous()
+    else:
+        x = body.stem(x)
     if "stem" in wanted:
         outputs["stem"] = x.contiguous()
-    for name, stage in zip(body.stage_names, body.stages):
-        for block in stage:
-            x = _block(x, block, cache)
+    for i, (name, stage) in enumerate(zip(body.stage_names, body.stages)):
+        if i + 1 < n_fused:
+            with torch.no_grad():
+                for block in stage:
+                    x = _block(x, block, cache, winograd_min_channels)
+                if i + 2 == n_fused:
+                    x = x.contiguous()  # NCHW for the modules that follow (as detectron2's forward)
+        else:
+            for block in stage:
+                x = _train_block(x, block) if _train_winograd_block(block, train_winograd_min_channels) else block(x)
         if name in wanted:
             outputs[name] = x.contiguous()
     return outputs
+
+
+def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channels: int = 128,
+                           train_winograd_min_channels: int = 256) -> Optional[Dict[str, torch.Tensor]]:
+    """``body(x)`` for training on CPU with the exact speed-ups that apply (the fused frozen prefix of
+    :func:`fused_frozen_prefix`, Winograd for the 3x3 convolutions of trainable bottleneck blocks with
+    at least ``train_winograd_min_channels`` input channels), or None when none applies (the caller
+    runs ``body(x)`` itself)."""
+    if not isinstance(body, ResNet) or getattr(body, "num_classes", None) is not None:
+        return None
+    if _environment_unsupported(x):
+        return None
+    parts = fused_frozen_prefix(body, x)
+    trainable = [b for stage in body.stages[max(parts - 1, 0):] for b in stage]
+    if not parts and not any(_train_winograd_block(b, train_winograd_min_channels) for b in trainable):
+        return None
+    return fused_resnet_forward(body, x, winograd_min_channels, fused_parts=parts,
+                                train_winograd_min_channels=train_winograd_min_channels)

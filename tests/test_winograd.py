@@ -1,0 +1,80 @@
+"""Winograd F(2x2, 3x3) convolution (smca_detr/layers/winograd.py) against F.conv2d."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smca_detr.layers.winograd import (winograd_bias, winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
+                                       winograd_weight_differentiable)
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(1, 3, 5, 4, 4), (2, 4, 6, 7, 9), (1, 8, 3, 1, 1), (3, 2, 2, 5, 2)])
+@pytest.mark.parametrize("with_bias,relu", [(True, True), (False, False), (True, False)])
+def test_winograd_matches_conv2d_float64(n, c, k, h, w, with_bias, relu):
+    gen = torch.Generator().manual_seed(n * 100 + c * 10 + h)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(k, c, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(k, generator=gen, dtype=torch.float64) if with_bias else None
+    ref = F.conv2d(x, weight, bias, stride=1, padding=1)
+    if relu:
+        ref = ref.relu()
+    out = winograd_conv3x3(x, winograd_weight(weight), winograd_bias(bias) if with_bias else None, relu=relu)
+    assert out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_float32_channels_last_input_and_rounding():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 10, 13, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 32, 3, 3, generator=gen) * 0.1
+    bias = torch.randn(16, generator=gen)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
+    out = winograd_conv3x3(x, winograd_weight(weight), winograd_bias(bias), relu=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_weight_transform_is_g_g_gt():
+    # U[a, b] = sum_ij G[a, i] g[i, j] G[b, j] for one filter, written out by hand for position (1, 2)
+    g = torch.arange(9, dtype=torch.float64).reshape(1, 1, 3, 3) + 1.0
+    u = winograd_weight(g).reshape(4, 4)
+    gm = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    assert torch.equal(u, gm @ g[0, 0] @ gm.T)
+    assert u[1, 2].item() == pytest.approx(sum(gm[1, i] * g[0, 0, i, j] * gm[2, j] for i in range(3) for j in range(3)))
+
+
+def test_winograd_refuses_autograd_but_runs_under_no_grad():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    u = winograd_weight(torch.randn(3, 2, 3, 3))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        winograd_conv3x3(x, u)
+    with torch.no_grad():
+        assert winograd_conv3x3(x, u).shape == (1, 3, 4, 4)
+
+
+def test_winograd_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="3, 3"):
+        winograd_weight(torch.zeros(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="input channels 4"):
+        winograd_conv3x3(torch.zeros(1, 4, 3, 3), winograd_weight(torch.zeros(2, 3, 3, 3)))
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(2, 3, 4, 5, 6), (1, 2, 3, 4, 4), (2, 4, 2, 7, 3)])
+def test_winograd_train_gradients_float64(n, c, k, h, w):
+    """The hand-written Winograd-domain backward (dx, dU -> dw, dbias) passes gradcheck, and the
+    forward and gradients equal F.conv2d's."""
+    gen = torch.Generator().manual_seed(h * 10 + w)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(k, c, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(k, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, bias):
+        return winograd_conv3x3_train(x, winograd_weight_differentiable(weight), bias)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    gout = torch.randn(n, k, h, w, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), gout)
+    ref = torch.autograd.grad(F.conv2d(x, weight, bias, padding=1), (x, weight, bias), gout)
+    torch.testing.assert_close(fn(x, weight, bias), F.conv2d(x, weight, bias, padding=1), rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
