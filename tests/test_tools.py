@@ -761,6 +761,38 @@ def test_machine_calibration_arithmetic(monkeypatch):
         speed.machine_calibration(0.1, 0.2)
 
 
+def test_interleaved_calibration_arithmetic(monkeypatch):
+    """Per round: ratio = case seconds / (official seconds x reference seconds / implied backbone);
+    best of k within a round; median / min / max over the rounds. Driven by a fake clock."""
+    from smca_detr.utils import speed
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock["t"])
+    # warm-up, then two timings per round (the best counts): rounds -> 1.0, 1.36, 1.0
+    ref_times = iter([5.0] + [1.36, 1.0] + [2.72, 1.36] + [1.0, 2.72])
+
+    class FakeReference(torch.nn.Module):
+        def forward(self, x):
+            clock["t"] += next(ref_times)
+            return x
+
+    monkeypatch.setattr(speed, "reference_backbone", FakeReference)
+    case_times = iter([0.0] + [1.2, 1.0, 3.0])  # warm-up, then one timing per round
+
+    def case():
+        clock["t"] += next(case_times)
+
+    cal = speed.interleaved_calibration({"inference": case}, {"inference": 0.85}, 0.68, rounds=3, threads=1,
+                                        hw=(8, 8), per_round={"reference_backbone": 2})
+    assert cal["seconds"]["reference_backbone"] == pytest.approx([1.0, 1.36, 1.0])
+    ratios = [1.2 / (0.85 * 1.0 / 0.68), 1.0 / (0.85 * 1.36 / 0.68), 3.0 / (0.85 * 1.0 / 0.68)]
+    r = cal["ratio_vs_official"]["inference"]
+    assert r["median"] == pytest.approx(sorted(ratios)[1])
+    assert (r["min"], r["max"]) == pytest.approx((min(ratios), max(ratios)))
+    text = "\n".join(speed.format_interleaved(cal))
+    assert "ESTIMATE" in text and f"median {sorted(ratios)[1]:.2f}" in text
+
+
 def _fake_reference(monkeypatch, seconds):
     from smca_detr.utils import speed
 

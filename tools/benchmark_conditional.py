@@ -89,6 +89,10 @@ def main(argv=None):
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--channels-last", action="store_true",
                     help="convert the backbone weights to channels-last (its activations follow)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="also time inference and the training step alternately with the official backbone "
+                         "(torchvision R50 body) ROUNDS times and print the median ratio vs the official figures "
+                         "on this machine (robust to a drifting shared machine; an estimate)")
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official figures divided by the machine factor (an estimate)")
@@ -114,16 +118,16 @@ def main(argv=None):
         backbone, after_backbone = speed.split_inference(model, batch, postprocess=False)
         t_backbone = timeit(backbone, args.repeats)
         t_after = timeit(after_backbone, args.repeats)
-        model.transformer.set_attention_impl("naive")
-        t_after_naive = timeit(after_backbone, args.repeats)
-        model.transformer.set_attention_impl("sdpa")
+        model.transformer.set_attention_impl("sdpa" if model.device.type == "cpu" else "naive")
+        t_after_other = timeit(after_backbone, args.repeats)
+        model.transformer.set_attention_impl("auto")
     print(f"inference {h}x{w} batch 1: {t_inf:.3f} s/image "
           f"(official {OFFICIAL['infer']:.2f}, ratio {t_inf / OFFICIAL['infer']:.2f}); CPU time {cpu_of(t_inf):.3f} s")
     print(f"  backbone {t_backbone:.3f} s; after the backbone {t_after:.3f} s "
           f"(official {OFFICIAL['infer_after_backbone']:.2f}, ratio "
-          f"{t_after / OFFICIAL['infer_after_backbone']:.2f}); with naive attention {t_after_naive:.3f} s")
+          f"{t_after / OFFICIAL['infer_after_backbone']:.2f}); with {'SDPA' if model.device.type == 'cpu' else 'naive'} attention {t_after_other:.3f} s")
     print(f"  CPU time: backbone {cpu_of(t_backbone):.3f} s, after the backbone {cpu_of(t_after):.3f} s "
-          f"(naive attention {cpu_of(t_after_naive):.3f} s)")
+          f"(other attention {cpu_of(t_after_other):.3f} s)")
 
     # ---------------------------------------------------------------- training step
     ratios = {"infer": t_inf / OFFICIAL["infer"], "infer_after_backbone": t_after / OFFICIAL["infer_after_backbone"]}
@@ -155,6 +159,13 @@ def main(argv=None):
                "ratio_vs_official": ratios}
     if not args.skip_train:
         results["train_step_s"] = t_train
+    if args.interleave:
+        results["interleaved"] = speed.interleaved_calibration(
+            speed.model_cases(cfg, model, speed.build_model(args.config)[1], (h, w)),
+            {"inference": OFFICIAL["infer"], "train_step": OFFICIAL["train_step"]},
+            OFFICIAL["infer"] - OFFICIAL["infer_after_backbone"], rounds=args.interleave, threads=args.threads,
+            per_round={"inference": 3, "reference_backbone": 3, "train_step": 2})
+        print("\n".join(speed.format_interleaved(results["interleaved"])))
     if args.calibrate:
         results["calibration"] = speed.machine_calibration(OFFICIAL["infer"], OFFICIAL["infer_after_backbone"],
                                                            ratios, threads=args.threads)

@@ -202,7 +202,8 @@ def bench_model(device, iters, train_iters, channels_last=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["attention", "model", "all"], default="all")
+    ap.add_argument("--part", choices=["attention", "model", "all", "none"], default="all",
+                    help="none: only what --interleave / --calibrate ask for")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (official figures: 2)")
     ap.add_argument("--iters", type=int, default=5)
@@ -213,6 +214,10 @@ def main(argv=None):
     ap.add_argument("--stat", choices=["min", "median"], default="min")
     ap.add_argument("--wait-idle", action="store_true",
                     help="start every timed run when other processes are idle (shared machines)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="also time inference and the training step alternately with the official backbone "
+                         "(torchvision R50 body) ROUNDS times and print the median ratio vs the official figures "
+                         "on this machine (robust to a drifting shared machine; an estimate)")
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official CPU figures divided by the machine factor (an estimate)")
@@ -238,9 +243,19 @@ def main(argv=None):
         results["calibration"] = speed.machine_calibration(
             OFFICIAL_CPU["inference_s_per_image"], OFFICIAL_CPU["after_backbone_s_per_image"], ratios,
             threads=args.threads)
+    if args.interleave:
+        cfg, model = build_full_model(args.device)
+        results["interleaved"] = speed.interleaved_calibration(
+            speed.model_cases(cfg, model, build_full_model(args.device)[1], device=args.device),
+            {"inference": OFFICIAL_CPU["inference_s_per_image"], "train_step": OFFICIAL_CPU["train_step_s"]},
+            OFFICIAL_CPU["inference_s_per_image"] - OFFICIAL_CPU["after_backbone_s_per_image"],
+            rounds=args.interleave, threads=args.threads,
+            per_round={"inference": 3, "reference_backbone": 3, "train_step": 2})
     print(json.dumps(results, indent=2))
     if args.calibrate:
         print("\n".join(speed.format_calibration(results["calibration"])))
+    if args.interleave:
+        print("\n".join(speed.format_interleaved(results["interleaved"])))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -50,6 +50,9 @@ __all__ = [
     "reference_backbone_seconds",
     "machine_calibration",
     "format_calibration",
+    "interleaved_calibration",
+    "model_cases",
+    "format_interleaved",
 ]
 
 Device = Union[str, torch.device]
@@ -312,4 +315,95 @@ def format_calibration(cal: Mapping) -> List[str]:
                      f"{cal['machine_normalized_ratio'][k]:.2f}")
     if not cal["ratio_vs_official"]:
         lines.append("  (no ratio vs the official CPU figures to normalize: those are CPU figures)")
+    return lines
+
+
+def model_cases(cfg, model: nn.Module, train_model: nn.Module, hw: Tuple[int, int] = (640, 800),
+                device: Device = "cpu", num_boxes: int = 6) -> Dict[str, Callable]:
+    """The two timed cases of the issues through detectron2's model API: ``"inference"`` of ``model``
+    (eval mode, no grad, one ``H x W`` image) and ``"train_step"`` of ``train_model`` (train mode, a
+    batch of two with ``num_boxes`` boxes each, forward + losses + backward + the trainer's AdamW with
+    clipping). Two instances, so that the training updates do not invalidate the inference model's
+    cached folded weights between calls."""
+    image = synthetic_inputs(1, *hw, device)
+    batch = synthetic_inputs(2, *hw, device, with_instances=True, num_boxes=num_boxes)
+    model.eval()
+    train_model.train()
+    opt = build_adamw(cfg, train_model)
+
+    def inference():
+        with torch.no_grad():
+            model(image)
+        synchronize(device)
+
+    def train():
+        train_step(train_model, batch, opt)
+        synchronize(device)
+
+    return {"inference": inference, "train_step": train}
+
+
+def interleaved_calibration(cases: Mapping[str, Callable], official: Mapping[str, float], official_backbone_s: float,
+                            rounds: int = 7, threads: int = 2, hw: Tuple[int, int] = (640, 800),
+                            per_round: Optional[Mapping[str, int]] = None) -> Dict:
+    """:func:`machine_calibration` made robust to a machine whose speed drifts (a shared host).
+
+    Each case (name -> zero-argument callable; ``official[name]`` its official seconds) runs
+    alternately with the reference backbone (:func:`reference_backbone`, one ``1 x 3 x H x W`` image,
+    no grad), ``rounds`` times after one warm-up of each. Every round gives the machine factor of that
+    moment (reference seconds / ``official_backbone_s``) and so the case's ratio vs the official
+    figure on this machine at that moment; the result holds the median, min and max ratio over the
+    rounds and the raw seconds. ``per_round`` (name -> k, default 1; ``"reference_backbone"`` too)
+    times a case k times in a row within a round and keeps the fastest, which filters short bursts
+    of other tenants' load. Same assumption as :func:`machine_calibration` (one factor for all the
+    work), but no drift between the two timings of a ratio."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            body = reference_backbone()
+            x = torch.randn(1, 3, *hw)
+
+        def ref():
+            with torch.no_grad():
+                body(x)
+
+        ref()
+        for fn in cases.values():
+            fn()
+        raw = {name: [] for name in cases}
+        raw["reference_backbone"] = []
+        per_round = dict(per_round or {})
+        for _ in range(rounds):
+            for name, fn in list(cases.items()) + [("reference_backbone", ref)]:
+                best = math.inf
+                for _ in range(max(1, int(per_round.get(name, 1)))):
+                    t0 = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t0)
+                raw[name].append(best)
+    finally:
+        torch.set_num_threads(prev)
+    out = {"rounds": rounds, "per_round": per_round, "threads": threads, "image_hw": list(hw),
+           "official_backbone_s": official_backbone_s,
+           "seconds": raw, "ratio_vs_official": {}, "estimate": True}
+    for name in cases:
+        ratios = [t / (official[name] * r / official_backbone_s)
+                  for t, r in zip(raw[name], raw["reference_backbone"])]
+        out["ratio_vs_official"][name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return out
+
+
+def format_interleaved(cal: Mapping) -> List[str]:
+    """Printable lines of an :func:`interleaved_calibration` result, labelled as an estimate."""
+    ref = cal["seconds"]["reference_backbone"]
+    lines = [f"interleaved calibration ({cal['rounds']} rounds, each case then the reference backbone, best of "
+             f"{cal['per_round'] or 1} within a round; an ESTIMATE):",
+             f"  reference backbone here: median {statistics.median(ref):.3f} s (min {min(ref):.3f}, max {max(ref):.3f}); "
+             f"official backbone implied: {cal['official_backbone_s']:.2f} s"]
+    for name, r in cal["ratio_vs_official"].items():
+        t = cal["seconds"][name]
+        lines.append(f"  {name}: median {statistics.median(t):.3f} s; ratio vs official on this machine: "
+                     f"median {r['median']:.2f} (rounds {r['min']:.2f}-{r['max']:.2f})")
     return lines
