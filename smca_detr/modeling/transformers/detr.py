@@ -82,6 +82,8 @@ class DETRTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])
+        # Without padding (e.g. one image) the mask changes nothing: skip it (faster attention).
+        mask = mask if bool(mask.any()) else None
         memory = self.encoder(src, pos, mask)
         query_pos = self.query_embed.weight[None].expand(src.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)

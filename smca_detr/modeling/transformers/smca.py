@@ -338,13 +338,15 @@ class SMCATransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
-        memory = self.encoder(src, pos, mask)
+        # Without padding (e.g. one image) the mask changes nothing: skip it (no -inf fill, faster SDPA).
+        key_padding_mask = mask if bool(mask.any()) else None
+        memory = self.encoder(src, pos, key_padding_mask)
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)
         wh = self._wh(image_sizes, b, src.dtype, src.device)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
-        hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, mask, image_wh=wh, stride=self.stride,
+        hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, stride=self.stride,
                                      grid_hw=tuple(int(x) for x in grid_hw), records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
