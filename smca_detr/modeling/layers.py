@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.dropout import Dropout, dropout
+
 __all__ = ["MLP", "MultiheadAttention", "FFNMixin", "make_attn_mask", "inverse_sigmoid", "get_activation", "clones"]
 
 
@@ -90,12 +92,16 @@ class MultiheadAttention(nn.Module):
         """query ``[B,Lq,E]``, key/value ``[B,Lk,E]``, key_padding_mask ``[B,Lk]`` (True = pad)."""
         q, k, v = self.project(query, key, value)
         mask = make_attn_mask(key_padding_mask, attn_bias, q.dtype)
-        if need_weights:
-            logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        # CPU training with dropout: PyTorch's fused CPU kernel has no dropout (its math fallback
+        # draws the mask with the slow sequential generator), so take the explicit path with the
+        # fast CPU dropout of smca_detr.layers.dropout; same maths.
+        if need_weights or (self.training and self.dropout > 0 and q.device.type == "cpu"):
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             if mask is not None:
-                logits = logits + mask
+                logits = logits.add_(mask)  # fresh tensor: in place saves a full-size copy
             weights = logits.softmax(-1)
-            out = F.dropout(weights, self.dropout, self.training) @ v
+            out = dropout(weights, self.dropout, self.training) @ v
+            weights = weights if need_weights else None
         else:
             weights = None
             out = F.scaled_dot_product_attention(
@@ -123,7 +129,7 @@ class FFNMixin:
     def build_ffn(self, d_model: int, dim_feedforward: int, dropout: float, activation: str):
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.activation = get_activation(activation)
 
     def ffn(self, x):

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from ...layers.dropout import Dropout
+
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
@@ -49,8 +51,8 @@ class TransformerEncoderLayer(FFNMixin, nn.Module):
         self.build_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.normalize_before = normalize_before
 
     def forward(self, src, pos, key_padding_mask: Optional[torch.Tensor] = None):

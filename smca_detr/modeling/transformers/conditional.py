@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers.dropout import Dropout, dropout
+
 from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
@@ -77,7 +79,7 @@ class HeadAttention(nn.Module):
             logits = (q * scale) @ k.transpose(-1, -2)
             if attn_mask is not None:
                 logits = logits + attn_mask
-            out = F.dropout(logits.softmax(-1), p, self.training) @ v
+            out = dropout(logits.softmax(-1), p, self.training) @ v
         else:
             raise ValueError(f"HeadAttention.impl must be 'auto', 'sdpa' or 'naive', got {self.impl!r}")
         return self.out_proj(out.transpose(1, 2).flatten(2))
@@ -125,7 +127,7 @@ class ConditionalDecoderLayer(FFNMixin, nn.Module):
         self.cross_attn = HeadAttention(d_model, dropout)
         self.build_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(3))
 
     def query_pos_linears(self):
         """Projections of the object queries (batch independent)."""

@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ...layers.dropout import Dropout
+
 from ...layers.ms_deform_attn import MSDeformAttn
 from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask
@@ -129,10 +131,10 @@ class DeformableTransformerEncoderLayer(FFNMixin, nn.Module):
                  n_points=4, msda_impl="auto"):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.build_ffn(d_model, d_ffn, dropout, activation)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
@@ -149,13 +151,13 @@ class DeformableTransformerDecoderLayer(FFNMixin, nn.Module):
                  n_points=4, msda_impl="auto"):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.build_ffn(d_model, d_ffn, dropout, activation)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,

@@ -3,6 +3,8 @@ decoder with learned object queries, post-norm or pre-norm."""
 import torch
 from torch import nn
 
+from ...layers.dropout import Dropout
+
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
@@ -21,7 +23,7 @@ class TransformerDecoderLayer(FFNMixin, nn.Module):
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.build_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(3))
         self.normalize_before = normalize_before
 
     def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None):

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers.dropout import Dropout, dropout
+
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
@@ -145,7 +147,7 @@ def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask:
     q, k, v = attn.project(query, key, value)
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B,M,Q,S], fresh
     weights = logits.add_(attn_mask.to(logits.dtype)).softmax(-1)
-    out = torch.matmul(F.dropout(weights, attn.dropout, attn.training), v)
+    out = torch.matmul(dropout(weights, attn.dropout, attn.training), v)
     out = attn.out_proj(out.transpose(1, 2).flatten(2))
     return out, (weights if need_weights else None)
 
@@ -167,7 +169,7 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.build_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(d_model) for _ in range(4))
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(3))
         self.normalize_before = normalize_before
         self.dynamic_scale = dynamic_scale
         self.smooth = float(smooth)

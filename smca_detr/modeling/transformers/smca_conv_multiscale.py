@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers.dropout import Dropout
+
 from ..layers import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
@@ -75,8 +77,8 @@ class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
         self.build_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, srcs: List[torch.Tensor], pos: List[torch.Tensor]) -> List[torch.Tensor]:
         """srcs / pos: per level ``[B,d,H_l,W_l]`` (finest first; pos incl. level embedding)."""

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers.dropout import dropout
+
 from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
@@ -123,7 +125,7 @@ def segmented_attention(attn: MultiheadAttention, query, key, value, attn_mask: 
     q, k, v = attn.project(query, key, value)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + attn_mask
     weights = segment_softmax(logits, segment_ids, num_segments, segment_weights[:, None])
-    out = F.dropout(weights, attn.dropout, attn.training) @ v
+    out = dropout(weights, attn.dropout, attn.training) @ v
     return attn.out_proj(out.transpose(1, 2).flatten(2)), (weights if need_weights else None)
 
 
