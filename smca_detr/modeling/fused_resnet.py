@@ -1,4 +1,4 @@
-"""Fast CPU inference for detectron2 ResNets: norm folded into the convolutions, oneDNN fusion.
+"""Fast CPU paths for detectron2 ResNets: norm folded into the convolutions, oneDNN fusion, Winograd.
 
 At inference a frozen (or eval-mode) BatchNorm is an affine map per channel, so ``norm(conv(x, W))``
 equals ``conv(x, W * s) + (b - mean * s)`` with ``s = gamma / sqrt(var + eps)``. This module runs a
@@ -17,10 +17,16 @@ otherwise and the caller falls back to the modules' own forward:
     ``BasicBlock``; deformable blocks or other stems are not fused), every norm foldable
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
   * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
-In training, the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``: the stem and res2 in the DETR
-recipes) take the same fused path without autograd (:func:`fused_frozen_prefix`): nothing upstream of
-them needs a gradient, so this is exact, and it also replaces the training-mode max-pool that keeps
-argmax indices for a backward that never comes.
+3x3 stride-1 convolutions with enough input channels (``MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS``) run
+as Winograd F(2x2, 3x3) GEMMs (:mod:`smca_detr.layers.winograd`) instead of oneDNN's direct kernel.
+In training (:func:`fused_training_forward`), the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``:
+the stem and res2 in the DETR recipes) take the same fused path without autograd
+(:func:`fused_frozen_prefix`): nothing upstream of them needs a gradient, so this is exact, and it
+also replaces the training-mode max-pool that keeps argmax indices for a backward that never comes.
+The 3x3 convolutions of the trainable bottleneck blocks with at least
+``MODEL.SMCA_DETR.TRAIN_WINOGRAD_MIN_CHANNELS`` input channels use the differentiable Winograd
+convolution (norm folded with autograd, so the conv weights and any trainable norm affine get their
+exact gradients); every other trainable module runs its own forward.
 Folded weights are cached per convolution and recomputed when any source tensor changes (new
 checkpoint, ``load_state_dict``, in-place edits), keyed on storage pointers and version counters.
 """
