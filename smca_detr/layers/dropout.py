@@ -19,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import tracing_or_compiling
+
 __all__ = ["Dropout", "dropout", "keep_mask"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+def _check_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def keep_mask(shape, p: float) -> torch.Tensor:
@@ -46,10 +48,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the fast CPU keep mask (see the module docstring)."""
     if not training or p == 0.0:
         return x
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if (x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or p == 1.0
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or _compiling()):
+    _check_p(p)
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or p == 1.0 or tracing_or_compiling():
         return F.dropout(x, p, training)
     keep = keep_mask(x.shape, p)
     scale = torch.full((), 1.0 / (1.0 - p), dtype=x.dtype)
@@ -61,8 +61,7 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        _check_p(p)
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

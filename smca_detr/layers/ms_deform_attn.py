@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .msda import IMPLS, ms_deform_attn
+from .tracing import tracing_or_compiling
 
 __all__ = ["MSDeformAttn", "msda_offset_bias_init"]
 
@@ -122,7 +123,7 @@ class MSDeformAttn(nn.Module):
         B, Q, _ = query.shape
         _, S, _ = input_flatten.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        if not (input_flatten.is_cuda or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        if not (input_flatten.is_cuda or tracing_or_compiling()):
             # host-side check only where it costs no device sync and breaks no graph
             total = int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum())
             if total != S:

@@ -38,6 +38,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
+from ..layers.tracing import tracing_or_compiling
 from ..layers.winograd import (winograd_bias, winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
                                winograd_weight_differentiable)
 
@@ -73,7 +74,7 @@ def _convs_of(block: nn.Module):
 
 def _environment_unsupported(x: torch.Tensor) -> str:
     """Why the fused operators cannot run on ``x`` here ("" when they can)."""
-    if torch.jit.is_tracing() or _compiling():
+    if tracing_or_compiling():
         return "traced / compiled (FLOP counting, export, torch.compile see the plain modules)"
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "input is not CPU float32"
@@ -147,11 +148,6 @@ def fused_frozen_prefix(body: nn.Module, x: torch.Tensor) -> int:
             break
         n += 1
     return n
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _cpu_autocast_on() -> bool:

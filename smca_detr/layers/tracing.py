@@ -1,0 +1,14 @@
+"""Whether the current call is being recorded as a graph rather than run eagerly."""
+import torch
+
+__all__ = ["tracing_or_compiling"]
+
+
+def tracing_or_compiling() -> bool:
+    """True under ``torch.jit.trace`` / ``torch.jit.script`` (e.g. fvcore FLOP counting, export) and
+    ``torch.compile``: the fast paths that leave PyTorch (numpy RNG, oneDNN ops chosen by host-side
+    checks, host syncs) must then step aside for the plain ops."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
