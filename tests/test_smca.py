@@ -164,9 +164,17 @@ def test_mask_padded_keys():
     assert torch.equal(m[0], bias[0]) and torch.equal(m[1, :, :, :3], bias[1, :, :, :3])
 
 
-def test_cross_attention_paths_agree_with_gradients():
+def test_cross_attention_paths_agree_with_gradients(monkeypatch):
     """smca_cross_attention: the explicit path (CPU training, need_weights) and SDPA give the same
     outputs and gradients (incl. the gradient into the Gaussian, i.e. point2/point3)."""
+    import torch.nn.functional as F
+
+    from smca_detr.modeling import layers as layers_mod
+
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers_mod.F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
     torch.manual_seed(0)
     b, m, q, s, d = 2, 4, 5, 12, 32
     attn = MultiheadAttention(d, m, dropout=0.0).double()
@@ -179,9 +187,10 @@ def test_cross_attention_paths_agree_with_gradients():
         mask = mask_padded_keys(bias * 1.0, kpm, inplace=True)
         if path == "explicit":
             out, w = smca_cross_attention(attn, *x, mask)
-            assert w is None
+            assert w is None and not sdpa_calls  # a Gaussian with a gradient on CPU: explicit softmax
         else:
-            out = attn(*x, attn_bias=mask)[0]
+            qh, kh, vh = attn.project(*x)
+            out = attn.out_proj(real_sdpa(qh, kh, vh, attn_mask=mask).transpose(1, 2).flatten(2))
         grads = torch.autograd.grad(out.square().sum(), x + [bias])
         results.append((out, grads))
     torch.testing.assert_close(results[0][0], results[1][0])

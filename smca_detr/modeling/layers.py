@@ -87,15 +87,29 @@ class MultiheadAttention(nn.Module):
             q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         return self._split(q), self._split(k), self._split(v)
 
+    def _explicit(self, q: torch.Tensor, attn_bias: Optional[torch.Tensor], need_weights: bool) -> bool:
+        """Whether to compute ``softmax((q/sqrt(d_h)) k^T + mask) v`` explicitly instead of through SDPA
+        (same maths; test_smca compares both, outputs and gradients):
+          * ``need_weights``: the probabilities ``[B,M,Lq,Lk]`` are returned;
+          * CPU training with dropout: PyTorch's CPU kernel has no dropout and its math fallback
+            draws the mask with the slow sequential generator; the explicit path uses the fast CPU
+            dropout of :mod:`smca_detr.layers.dropout`;
+          * CPU with a bias that needs a gradient (SMCA's learned Gaussian): the CPU flash kernel has
+            no mask gradient and its math fallback is slower; the explicit path adds the mask in
+            place into the fresh logits, one full-size allocation less."""
+        if need_weights:
+            return True
+        if q.device.type != "cpu":
+            return False
+        return ((self.training and self.dropout > 0)
+                or (attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()))
+
     def forward(self, query, key, value, key_padding_mask: Optional[torch.Tensor] = None,
                 attn_bias: Optional[torch.Tensor] = None, need_weights: bool = False):
         """query ``[B,Lq,E]``, key/value ``[B,Lk,E]``, key_padding_mask ``[B,Lk]`` (True = pad)."""
         q, k, v = self.project(query, key, value)
         mask = make_attn_mask(key_padding_mask, attn_bias, q.dtype)
-        # CPU training with dropout: PyTorch's fused CPU kernel has no dropout (its math fallback
-        # draws the mask with the slow sequential generator), so take the explicit path with the
-        # fast CPU dropout of smca_detr.layers.dropout; same maths.
-        if need_weights or (self.training and self.dropout > 0 and q.device.type == "cpu"):
+        if self._explicit(q, attn_bias, need_weights):
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
             if mask is not None:
                 logits = logits.add_(mask)  # fresh tensor: in place saves a full-size copy

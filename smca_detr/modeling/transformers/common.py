@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
-
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 

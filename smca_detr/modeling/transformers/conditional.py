@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import Dropout, dropout
-
 from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
-
 from ...layers.ms_deform_attn import MSDeformAttn
 from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask

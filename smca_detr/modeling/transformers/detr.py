@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
-
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,

@@ -36,11 +36,9 @@ Deliberate differences from the official code (numerically identical for the off
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...layers.dropout import Dropout, dropout
-
+from ...layers.dropout import Dropout
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
@@ -131,25 +129,11 @@ def mask_padded_keys(bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor
 def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
                          need_weights: bool = False):
     """Cross-attention with the additive SMCA mask ``attn_mask [B,G|1,Q,S]`` (Gaussian + -inf at
-    padded keys) through the shared ``MultiheadAttention``'s parameters.
-
-    Fused ``F.scaled_dot_product_attention`` (additive ``attn_mask``) whenever possible. Two cases
-    use the explicit path ``softmax((q/sqrt(d_h)) k^T + mask) v``: ``need_weights`` (it returns the
-    probabilities ``[B,M,Q,S]``), and CPU training where the mask needs a gradient (PyTorch's CPU
-    flash kernel has no mask gradient and its math fallback is slower; the explicit path adds the
-    mask in place into the fresh logits, one full-size allocation less). Same maths either way
-    (test_smca: fused vs explicit, outputs and gradients).
-    """
-    explicit = need_weights or (attn_mask.requires_grad and torch.is_grad_enabled()
-                                and attn_mask.device.type == "cpu")
-    if not explicit:
-        return attn(query, key, value, attn_bias=attn_mask)
-    q, k, v = attn.project(query, key, value)
-    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # [B,M,Q,S], fresh
-    weights = logits.add_(attn_mask.to(logits.dtype)).softmax(-1)
-    out = torch.matmul(dropout(weights, attn.dropout, attn.training), v)
-    out = attn.out_proj(out.transpose(1, 2).flatten(2))
-    return out, (weights if need_weights else None)
+    padded keys) through the shared ``MultiheadAttention``: fused ``F.scaled_dot_product_attention``
+    whenever possible, the explicit softmax where that is needed or faster (``need_weights``, CPU
+    training with a Gaussian that needs a gradient or with dropout; see
+    ``MultiheadAttention._explicit``). Returns (output ``[B,Q,E]``, probabilities or None)."""
+    return attn(query, key, value, attn_bias=attn_mask, need_weights=need_weights)
 
 
 class SMCADecoderLayer(FFNMixin, nn.Module):

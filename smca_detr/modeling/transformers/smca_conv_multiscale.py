@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import Dropout
-
 from ..layers import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY

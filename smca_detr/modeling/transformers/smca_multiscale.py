@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import dropout
-
 from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
