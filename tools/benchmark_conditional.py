@@ -89,10 +89,7 @@ def main(argv=None):
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--channels-last", action="store_true",
                     help="convert the backbone weights to channels-last (its activations follow)")
-    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                    help="also time inference and the training step alternately with the official backbone "
-                         "(torchvision R50 body) ROUNDS times and print the median ratio vs the official figures "
-                         "on this machine (robust to a drifting shared machine; an estimate)")
+    speed.add_interleave_argument(ap)
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official figures divided by the machine factor (an estimate)")
@@ -160,11 +157,9 @@ def main(argv=None):
     if not args.skip_train:
         results["train_step_s"] = t_train
     if args.interleave:
-        results["interleaved"] = speed.interleaved_calibration(
-            speed.model_cases(cfg, model, speed.build_model(args.config)[1], (h, w)),
-            {"inference": OFFICIAL["infer"], "train_step": OFFICIAL["train_step"]},
-            OFFICIAL["infer"] - OFFICIAL["infer_after_backbone"], rounds=args.interleave, threads=args.threads,
-            per_round={"inference": 3, "reference_backbone": 3, "train_step": 2})
+        results["interleaved"] = speed.interleaved_model_calibration(
+            cfg, model, speed.build_model(args.config)[1], OFFICIAL["infer"], OFFICIAL["infer_after_backbone"],
+            OFFICIAL["train_step"], args.interleave, threads=args.threads, hw=(h, w))
         print("\n".join(speed.format_interleaved(results["interleaved"])))
     if args.calibrate:
         results["calibration"] = speed.machine_calibration(OFFICIAL["infer"], OFFICIAL["infer_after_backbone"],

@@ -214,10 +214,7 @@ def main(argv=None):
     ap.add_argument("--stat", choices=["min", "median"], default="min")
     ap.add_argument("--wait-idle", action="store_true",
                     help="start every timed run when other processes are idle (shared machines)")
-    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                    help="also time inference and the training step alternately with the official backbone "
-                         "(torchvision R50 body) ROUNDS times and print the median ratio vs the official figures "
-                         "on this machine (robust to a drifting shared machine; an estimate)")
+    speed.add_interleave_argument(ap)
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official CPU figures divided by the machine factor (an estimate)")
@@ -245,12 +242,10 @@ def main(argv=None):
             threads=args.threads)
     if args.interleave:
         cfg, model = build_full_model(args.device)
-        results["interleaved"] = speed.interleaved_calibration(
-            speed.model_cases(cfg, model, build_full_model(args.device)[1], device=args.device),
-            {"inference": OFFICIAL_CPU["inference_s_per_image"], "train_step": OFFICIAL_CPU["train_step_s"]},
-            OFFICIAL_CPU["inference_s_per_image"] - OFFICIAL_CPU["after_backbone_s_per_image"],
-            rounds=args.interleave, threads=args.threads,
-            per_round={"inference": 3, "reference_backbone": 3, "train_step": 2})
+        results["interleaved"] = speed.interleaved_model_calibration(
+            cfg, model, build_full_model(args.device)[1], OFFICIAL_CPU["inference_s_per_image"],
+            OFFICIAL_CPU["after_backbone_s_per_image"], OFFICIAL_CPU["train_step_s"], args.interleave,
+            threads=args.threads, device=args.device)
     print(json.dumps(results, indent=2))
     if args.calibrate:
         print("\n".join(speed.format_calibration(results["calibration"])))

@@ -161,7 +161,7 @@ def _fused_kwargs(cls: Type[torch.optim.Optimizer], groups: List[dict], wanted: 
     foreach_utils = getattr(torch.utils, "_foreach_utils", None)
     supported = getattr(foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
     params = [p for g in groups for p in g["params"]]
-    ok = bool(params) and all(p.device.type in supported and p.is_floating_point()
+    ok = bool(params) and all(p.device.type in supported
                               and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                               for p in params)
     return {"fused": True} if ok else {}

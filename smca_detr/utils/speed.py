@@ -51,6 +51,8 @@ __all__ = [
     "machine_calibration",
     "format_calibration",
     "interleaved_calibration",
+    "interleaved_model_calibration",
+    "add_interleave_argument",
     "model_cases",
     "format_interleaved",
 ]
@@ -259,14 +261,24 @@ def reference_backbone_seconds(threads: int = 2, iters: int = 3, hw: Tuple[int, 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            body = reference_backbone()
-            x = torch.randn(1, 3, *hw)
-        with torch.no_grad():
-            return time_fn(lambda: body(x), iters=iters, warmup=warmup, stat=stat).seconds
+        return time_fn(_reference_forward(hw), iters=iters, warmup=warmup, stat=stat).seconds
     finally:
         torch.set_num_threads(prev)
+
+
+def _reference_forward(hw: Tuple[int, int]) -> Callable[[], None]:
+    """A call running :func:`reference_backbone` (seeded weights, global RNG state untouched) on one
+    random ``1 x 3 x H x W`` image without gradients."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        body = reference_backbone()
+        x = torch.randn(1, 3, *hw)
+
+    def forward():
+        with torch.no_grad():
+            body(x)
+
+    return forward
 
 
 def machine_calibration(official_inference_s: float, official_after_backbone_s: float,
@@ -360,15 +372,7 @@ def interleaved_calibration(cases: Mapping[str, Callable], official: Mapping[str
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            body = reference_backbone()
-            x = torch.randn(1, 3, *hw)
-
-        def ref():
-            with torch.no_grad():
-                body(x)
-
+        ref = _reference_forward(hw)
         ref()
         for fn in cases.values():
             fn()
@@ -407,3 +411,27 @@ def format_interleaved(cal: Mapping) -> List[str]:
         lines.append(f"  {name}: median {statistics.median(t):.3f} s; ratio vs official on this machine: "
                      f"median {r['median']:.2f} (rounds {r['min']:.2f}-{r['max']:.2f})")
     return lines
+
+
+def interleaved_model_calibration(cfg, model: nn.Module, train_model: nn.Module, official_inference_s: float,
+                                  official_after_backbone_s: float, official_train_step_s: float, rounds: int,
+                                  threads: int = 2, hw: Tuple[int, int] = (640, 800),
+                                  device: Device = "cpu") -> Dict:
+    """:func:`interleaved_calibration` of the two cases of :func:`model_cases` against the official
+    figures (inference, its after-backbone part, training step), with the best of 3 inference /
+    reference timings and of 2 training steps within a round: the ``--interleave`` of the SMCA and
+    Conditional benchmarks. ``hw`` sizes the model's inputs; the reference backbone always runs at
+    the official figures' 640x800."""
+    return interleaved_calibration(
+        model_cases(cfg, model, train_model, hw, device=device),
+        {"inference": official_inference_s, "train_step": official_train_step_s},
+        official_inference_s - official_after_backbone_s, rounds=rounds, threads=threads,
+        per_round={"inference": 3, "reference_backbone": 3, "train_step": 2})
+
+
+def add_interleave_argument(parser) -> None:
+    """The ``--interleave ROUNDS`` option of the model benchmarks (0 = off)."""
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="also time inference and the training step alternately with the official backbone "
+                             "(torchvision R50 body) ROUNDS times and print the median ratio vs the official "
+                             "figures on this machine (robust to a drifting shared machine; an estimate)")
