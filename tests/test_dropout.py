@@ -44,6 +44,63 @@ def test_mask_is_seeded_by_torch_and_independent_across_calls():
     assert abs(corr) < 0.02
 
 
+def test_mask_does_not_depend_on_thread_count_and_both_masks_agree():
+    """Chunks are seeded by (seed, chunk index): 1 or 2 threads give the same mask; the float scale
+    mask keeps exactly the elements of the bool mask drawn from the same RNG state."""
+    from smca_detr.layers.dropout import CHUNK, scale_mask
+
+    shape = (3, CHUNK // 2 + 7)  # 1.5 chunks: one full, one partial
+    prev = torch.get_num_threads()
+    masks = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(3)
+            masks.append(keep_mask(shape, 0.3))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(masks[0], masks[1])
+    torch.manual_seed(3)
+    scaled = scale_mask(shape, 0.3, torch.float64)
+    assert torch.equal(scaled != 0, masks[0])
+    assert set(scaled.unique().tolist()) == {0.0, 1 / 0.7}
+    # the two chunks are different streams (not the same chunk repeated)
+    flat = masks[0].flatten()
+    assert not torch.equal(flat[:1000], flat[CHUNK:CHUNK + 1000])
+
+
+def _mask_sum_in_child(queue):
+    # no torch parallel op here: OpenMP itself is not fork-safe (a torch limitation, not ours)
+    queue.put(int(keep_mask((3 * (1 << 20),), 0.5).numpy().sum()))
+
+
+def test_dropout_works_in_a_forked_child_after_the_parent_used_the_pool():
+    """The thread pool does not survive fork (data-loader workers): the child builds its own."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        keep_mask((3 * (1 << 20),), 0.5)  # parent's pool exists now
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_mask_sum_in_child, args=(queue,))
+        child.start()
+        try:
+            total = queue.get(timeout=120)
+            child.join(timeout=60)
+        finally:
+            if child.is_alive():
+                child.kill()
+    finally:
+        torch.set_num_threads(prev)
+    assert child.exitcode == 0
+    n = 3 * (1 << 20)
+    assert abs(total - n / 2) < 5 * math.sqrt(n / 4)
+
+
 def test_gradient_is_the_same_mask_times_scale():
     torch.manual_seed(1)
     x = torch.randn(3, 50, dtype=torch.float64, requires_grad=True)

@@ -152,12 +152,21 @@ def test_trainable_bn_stages_are_not_fused():
     cfg = _cfg(18, "BN", ["res3"], 8, freeze_at=1, name="build_slim_resnet_backbone")
     body = build_backbone(cfg, ShapeSpec(channels=3)).train()
     assert fused_frozen_prefix(body, torch.randn(1, 3, 32, 32)) == 1
+    # ... and no trainable block folds a training-mode BatchNorm: with nothing frozen either, the
+    # training path declines entirely and detectron2's own forward runs
+    from smca_detr.modeling import fused_resnet as fused_mod
+
+    assert not any(fused_mod._train_foldable_block(b) for s in body.stages for b in s)
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    body = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    assert fused_mod.fused_training_forward(body, torch.randn(1, 3, 32, 32)) is None
 
 
 @pytest.mark.parametrize("freeze_at,train_winograd", [(2, 0), (2, 1), (0, 1), (0, 0)])
 def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypatch):
-    """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; with a
-    Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op. Outputs
+    """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; every conv
+    of the trainable blocks runs with its frozen norm folded in (autograd through the fold), and with
+    a Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op. Outputs
     and the gradients of every trainable parameter equal detectron2's own forward/backward."""
     from smca_detr.modeling import fused_resnet as fused_mod
 
@@ -168,14 +177,14 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypa
     body = build_backbone(cfg, ShapeSpec(channels=3)).train()
     _randomize_norms(body, gen)
     x = torch.randn(2, 3, 64, 72, generator=gen)
-    fused_calls, wino_calls = [], []
-    real_conv, real_wino = fused_mod._conv, fused_mod.winograd_conv3x3_train
+    fused_calls, wino_calls, folded_calls = [], [], []
+    real_conv, real_wino, real_train_conv = fused_mod._conv, fused_mod.winograd_conv3x3_train, fused_mod._train_conv
     monkeypatch.setattr(fused_mod, "_conv", lambda *a, **k: fused_calls.append(1) or real_conv(*a, **k))
     monkeypatch.setattr(fused_mod, "winograd_conv3x3_train", lambda *a, **k: wino_calls.append(1) or real_wino(*a, **k))
+    monkeypatch.setattr(fused_mod, "_train_conv", lambda *a, **k: folded_calls.append(1) or real_train_conv(*a, **k))
     outs = fused_mod.fused_training_forward(body, x, winograd_min_channels=1, train_winograd_min_channels=train_winograd)
-    if freeze_at == 0 and train_winograd == 0:
-        assert outs is None  # nothing to speed up: the caller runs detectron2's forward
-        return
+    trainable_convs = [c for s in body.stages[max(freeze_at - 1, 0):] for b in s for c in fused_mod._convs_of(b)]
+    assert len(folded_calls) == len(trainable_convs)
     # FREEZE_AT 2: stem + res2's 3 blocks x (conv1, conv2) through _conv (conv3 is fused with the
     # residual add; no shortcut conv: res2 keeps the stem's 8 channels here), nothing of res3+
     assert len(fused_calls) == (1 + 3 * 2 if freeze_at == 2 else 0)
