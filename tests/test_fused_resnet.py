@@ -201,3 +201,34 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypa
         torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("train_winograd", [0, 1])
+def test_training_forward_basic_blocks_match_detectron2(train_winograd):
+    """R18 (BasicBlock) with eval-mode BatchNorm whose affine parameters train: each conv runs with
+    its norm folded through autograd (3x3 stride-1 convs through Winograd with a threshold), and the
+    conv weights as well as the norms' gamma/beta get detectron2's gradients."""
+    from smca_detr.modeling import fused_resnet as fused_mod
+
+    gen = torch.Generator().manual_seed(2)
+    cfg = _cfg(18, "BN", ["res3", "res4"], 8, freeze_at=0, name="build_slim_resnet_backbone")
+    torch.manual_seed(2)
+    body = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    _randomize_norms(body, gen)
+    for m in body.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()  # running statistics: foldable, while weight / bias still train
+    assert all(fused_mod._train_foldable_block(b) for s in body.stages for b in s)
+    x = torch.randn(2, 3, 40, 44, generator=gen)
+    outs = fused_mod.fused_training_forward(body, x, train_winograd_min_channels=train_winograd)
+    assert outs is not None
+    params = [p for p in body.parameters() if p.requires_grad]
+    assert any(p.dim() == 1 for p in params)  # norm affine parameters are among them
+    coefs = {k: torch.randn(v.shape, generator=gen) for k, v in outs.items()}
+    grads = torch.autograd.grad(sum((outs[k] * coefs[k]).sum() for k in outs), params)
+    ref = body(x)
+    ref_grads = torch.autograd.grad(sum((ref[k] * coefs[k]).sum() for k in ref), params)
+    for k in ref:
+        torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
