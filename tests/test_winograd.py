@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smca_detr.layers.winograd import (winograd_bias, winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
+from smca_detr.layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
                                        winograd_weight_differentiable)
 
 
@@ -17,7 +17,7 @@ def test_winograd_matches_conv2d_float64(n, c, k, h, w, with_bias, relu):
     ref = F.conv2d(x, weight, bias, stride=1, padding=1)
     if relu:
         ref = ref.relu()
-    out = winograd_conv3x3(x, winograd_weight(weight), winograd_bias(bias) if with_bias else None, relu=relu)
+    out = winograd_conv3x3(x, winograd_weight(weight), bias if with_bias else None, relu=relu)
     assert out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -29,7 +29,7 @@ def test_winograd_float32_channels_last_input_and_rounding():
     weight = torch.randn(16, 32, 3, 3, generator=gen) * 0.1
     bias = torch.randn(16, generator=gen)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
-    out = winograd_conv3x3(x, winograd_weight(weight), winograd_bias(bias), relu=True)
+    out = winograd_conv3x3(x, winograd_weight(weight), bias, relu=True)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["winograd_bias", "winograd_conv3x3", "winograd_weight"]
+__all__ = ["winograd_conv3x3", "winograd_conv3x3_train", "winograd_weight", "winograd_weight_differentiable"]
 
 # G of F(2x2, 3x3): filter transform U = G g G^T (4x3).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -55,34 +55,32 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return _filter_transform(weight.detach().to(torch.float64)).to(weight.dtype)
 
 
-def winograd_bias(bias: torch.Tensor) -> torch.Tensor:
-    """``[16, 1, K]`` additive term of the 16 products that adds ``bias`` to every output pixel.
-
-    Both rows of A^T (``[1, 1, 1, 0]`` and ``[0, 1, -1, -1]``) have coefficient 1 at position 1, so a
-    value put at transformed position ``(1, 1)`` reaches every pixel of the 2x2 output tile once."""
-    out = bias.new_zeros(16, 1, bias.shape[0])
-    out[5, 0] = bias
-    return out
+# Both rows of A^T (``[1, 1, 1, 0]`` and ``[0, 1, -1, -1]``) have coefficient 1 at position 1, so a value
+# added at transformed position (1, 1) (row 4 * 1 + 1 of the 16 products) reaches every pixel of the
+# 2x2 output tile exactly once: that is where the bias goes (one [tiles, K] add instead of a
+# broadcast over all 16 positions).
+_BIAS_POSITION = 5
 
 
-def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias16: Optional[torch.Tensor] = None,
+def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      relu: bool = False) -> torch.Tensor:
     """``conv2d(x, w, b, stride=1, padding=1)`` (then ReLU if ``relu``) via Winograd F(2x2, 3x3).
 
     ``x``: ``[N, C, H, W]`` (channels-last memory is used as is, other layouts are converted);
-    ``u = winograd_weight(w)``; ``bias16 = winograd_bias(b)`` or None. Returns ``[N, K, H, W]`` in
+    ``u = winograd_weight(w)``; ``bias``: ``[K]`` or None. Returns ``[N, K, H, W]`` in
     channels-last memory format. Inference only: the transforms write into preallocated buffers
     (``out=``), which autograd cannot record, so inputs that require grad are refused."""
     if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad
-                                    or (bias16 is not None and bias16.requires_grad)):
+                                    or (bias is not None and bias.requires_grad)):
         raise RuntimeError("winograd_conv3x3 is inference-only (no autograd); call it under torch.no_grad()")
     n, c, h, w = x.shape
     if u.dim() != 3 or u.shape[0] != 16 or u.shape[1] != c:
         raise ValueError(f"transformed filter {tuple(u.shape)} does not match input channels {c}")
     th, tw = (h + 1) // 2, (w + 1) // 2
     v = _input_transform(x, th, tw)
-    # the 16 position-wise GEMMs (bias enters at position (1, 1), see winograd_bias)
-    m = torch.baddbmm(bias16, v, u) if bias16 is not None else torch.bmm(v, u)
+    m = torch.bmm(v, u)  # the 16 position-wise GEMMs
+    if bias is not None:
+        m[_BIAS_POSITION].add_(bias)
     return _output_transform(m, n, h, w, th, tw, relu)
 
 
@@ -142,7 +140,9 @@ class _Winograd3x3(torch.autograd.Function):
         n, c, h, w = x.shape
         th, tw = (h + 1) // 2, (w + 1) // 2
         v = _input_transform(x, th, tw)
-        m = torch.baddbmm(winograd_bias(bias), v, u) if bias is not None else torch.bmm(v, u)
+        m = torch.bmm(v, u)
+        if bias is not None:
+            m[_BIAS_POSITION].add_(bias)
         ctx.save_for_backward(v, u)
         ctx.dims = (n, c, h, w, th, tw)
         ctx.has_bias = bias is not None

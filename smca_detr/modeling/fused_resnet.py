@@ -42,8 +42,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from torch import nn
 
 from ..layers.tracing import tracing_or_compiling
-from ..layers.winograd import (winograd_bias, winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
-                               winograd_weight_differentiable)
+from ..layers.winograd import winograd_conv3x3, winograd_conv3x3_train, winograd_weight, winograd_weight_differentiable
 
 __all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
@@ -202,21 +201,21 @@ def _winograd_ok(conv: nn.Module, min_channels: int) -> bool:
 
 
 def _winograd_params(conv: nn.Module, cache: Dict[int, tuple]):
-    """(transformed filters, bias term) of the folded conv for :func:`winograd_conv3x3`, cached."""
+    """(transformed filters, bias) of the folded conv for :func:`winograd_conv3x3`, cached."""
     w, b = _folded(conv, cache)
     key = ("winograd", w.data_ptr(), b.data_ptr())
     hit = cache.get(("winograd", id(conv)))
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
-    u, b16 = winograd_weight(w), winograd_bias(b)
-    cache[("winograd", id(conv))] = (key, u, b16)
-    return u, b16
+    u = winograd_weight(w)
+    cache[("winograd", id(conv))] = (key, u, b)
+    return u, b
 
 
 def _conv(x, conv, cache, relu: bool, winograd_min_channels: int = 0):
     if _winograd_ok(conv, winograd_min_channels):
-        u, b16 = _winograd_params(conv, cache)
-        return winograd_conv3x3(x, u, b16, relu=relu)
+        u, b = _winograd_params(conv, cache)
+        return winograd_conv3x3(x, u, b, relu=relu)
     w, b = _folded(conv, cache)
     return torch.ops.mkldnn._convolution_pointwise(
         x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
