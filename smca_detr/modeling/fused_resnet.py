@@ -25,8 +25,8 @@ the stem and res2 in the DETR recipes) take the same fused path without autograd
 also replaces the training-mode max-pool that keeps argmax indices for a backward that never comes.
 In the trainable blocks every convolution whose norm is frozen (or eval-mode) runs with the norm folded
 into it through autograd (:func:`_train_conv`: the conv weights and any trainable norm affine get
-their exact gradients, and the separate scale-and-shift pass and its backward disappear, about 8% of
-the R50 backbone's training time); their 3x3 convolutions with at least
+their exact gradients, and the separate scale-and-shift pass and its backward disappear: with the
+one-GEMM Winograd filter transform, 8% less R50 backbone training time); their 3x3 convolutions with at least
 ``MODEL.SMCA_DETR.TRAIN_WINOGRAD_MIN_CHANNELS`` input channels use the differentiable Winograd
 convolution. Blocks with a training-mode BatchNorm, the stem and other block types run their own
 forward.
