@@ -162,6 +162,19 @@ def test_trainable_bn_stages_are_not_fused():
     assert fused_mod.fused_training_forward(body, torch.randn(1, 3, 32, 32)) is None
 
 
+def _assert_training_matches_detectron2(body, x, outs, params, gen):
+    """``outs`` (the fast training path's outputs of ``body`` on ``x``) equal detectron2's own forward,
+    and the gradients of a random linear function of them w.r.t. ``params`` equal detectron2's."""
+    coefs = {k: torch.randn(v.shape, generator=gen) for k, v in outs.items()}
+    grads = torch.autograd.grad(sum((outs[k] * coefs[k]).sum() for k in outs), params)
+    ref = body(x)
+    ref_grads = torch.autograd.grad(sum((ref[k] * coefs[k]).sum() for k in ref), params)
+    for k in ref:
+        torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
+
+
 @pytest.mark.parametrize("freeze_at,train_winograd", [(2, 0), (2, 1), (0, 1), (0, 0)])
 def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypatch):
     """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; every conv
@@ -192,15 +205,7 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypa
     # strides in its 3x3 conv, which stays on oneDNN)
     n_stride1 = 3 + 5 + 2 if freeze_at == 2 else 3 + 3 + 5 + 2
     assert len(wino_calls) == (n_stride1 if train_winograd else 0)
-    weights = [p for p in body.parameters() if p.requires_grad]
-    coefs = {k: torch.randn(v.shape, generator=gen) for k, v in outs.items()}
-    grads = torch.autograd.grad(sum((outs[k] * coefs[k]).sum() for k in outs), weights)
-    ref = body(x)
-    ref_grads = torch.autograd.grad(sum((ref[k] * coefs[k]).sum() for k in ref), weights)
-    for k in ref:
-        torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
+    _assert_training_matches_detectron2(body, x, outs, [p for p in body.parameters() if p.requires_grad], gen)
 
 
 @pytest.mark.parametrize("train_winograd", [0, 1])
@@ -224,11 +229,4 @@ def test_training_forward_basic_blocks_match_detectron2(train_winograd):
     assert outs is not None
     params = [p for p in body.parameters() if p.requires_grad]
     assert any(p.dim() == 1 for p in params)  # norm affine parameters are among them
-    coefs = {k: torch.randn(v.shape, generator=gen) for k, v in outs.items()}
-    grads = torch.autograd.grad(sum((outs[k] * coefs[k]).sum() for k in outs), params)
-    ref = body(x)
-    ref_grads = torch.autograd.grad(sum((ref[k] * coefs[k]).sum() for k in ref), params)
-    for k in ref:
-        torch.testing.assert_close(outs[k], ref[k], rtol=1e-4, atol=1e-4)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
+    _assert_training_matches_detectron2(body, x, outs, params, gen)
