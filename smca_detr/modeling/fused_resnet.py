@@ -276,11 +276,11 @@ def _train_block(x, block, winograd_min_channels: int):
     """detectron2's ``BottleneckBlock`` / ``BasicBlock`` forward with every norm folded into its
     convolution (:func:`_train_conv`); same outputs and gradients up to float32 rounding."""
     bottleneck = isinstance(block, BottleneckBlock)
-    out = _train_conv(x, block.conv1, relu=True, winograd_min_channels=0 if bottleneck else winograd_min_channels)
+    wmc = winograd_min_channels  # _train_conv applies it to 3x3 stride-1 convs only
+    out = _train_conv(x, block.conv1, relu=True, winograd_min_channels=wmc)
     if bottleneck:
-        out = _train_conv(out, block.conv2, relu=True, winograd_min_channels=winograd_min_channels)
-    out = _train_conv(out, block.conv3 if bottleneck else block.conv2, relu=False,
-                      winograd_min_channels=0 if bottleneck else winograd_min_channels)
+        out = _train_conv(out, block.conv2, relu=True, winograd_min_channels=wmc)
+    out = _train_conv(out, block.conv3 if bottleneck else block.conv2, relu=False, winograd_min_channels=wmc)
     out += _train_conv(x, block.shortcut, relu=False) if block.shortcut is not None else x
     return F.relu_(out)
 
