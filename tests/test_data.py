@@ -19,7 +19,7 @@ from smca_detr.data import synthetic
 from smca_detr.data.mapper import DetrDatasetMapper, ImageReadError
 
 TINY = ("smca_synthetic_tiny_train", "smca_synthetic_tiny_val")
-ALL_NAMES = ("smca_synthetic_train", "smca_synthetic_val") + TINY
+ALL_NAMES = ("smca_synthetic_train", "smca_synthetic_val", "smca_synthetic_holdout") + TINY
 
 
 @pytest.fixture
@@ -52,6 +52,17 @@ def test_registration_is_cheap_and_complete(root):
     assert not root.exists()  # registration generated nothing
     assert synthetic.SPLITS["smca_synthetic_train"].num_images == 2000
     assert synthetic.SPLITS["smca_synthetic_val"].num_images == 200
+    assert synthetic.SPLITS["smca_synthetic_holdout"].num_images == 200
+
+
+def test_every_split_has_its_own_seed_and_directory():
+    """The holdout split (test-time settings are chosen on it) must not repeat val or train images."""
+    specs = list(synthetic.SPLITS.values())
+    assert len({s.seed for s in specs}) == len(specs)
+    assert len({s.dirname for s in specs}) == len(specs)
+    holdout, val = synthetic.SPLITS["smca_synthetic_holdout"], synthetic.SPLITS["smca_synthetic_val"]
+    for i in range(3):
+        assert not np.array_equal(synthetic.render_image(holdout.seed, i)[0], synthetic.render_image(val.seed, i)[0])
 
 
 def test_set_root_moves_registration(tmp_path, root):

@@ -738,6 +738,44 @@ def test_speed_model_inputs_optimizer_and_step():
         assert set(speed.split_inference(model, batch[:1], postprocess=False)[1]()) >= {"pred_logits", "pred_boxes"}
 
 
+def test_floor_report_arithmetic():
+    from smca_detr.utils import speed
+
+    rep = speed.floor_report(450e9, 540e9, peak_gflops=135.0, machine_factor=1.2, official_step_s=4.4)
+    assert rep["official_step_s_here"] == pytest.approx(5.28)
+    assert rep["official_gflops"] == pytest.approx(540 / 5.28)
+    assert rep["official_fraction_of_peak"] == pytest.approx(540 / 5.28 / 135)
+    assert rep["ours_floor_s"] == pytest.approx(450 / 135) and rep["ours_floor_ratio"] == pytest.approx(450 / 135 / 5.28)
+    assert rep["target_s"] == pytest.approx(0.8 * 5.28)
+    assert rep["required_gflops"] == pytest.approx(450 / (0.8 * 5.28))
+    assert rep["required_fraction_of_peak"] == pytest.approx(450 / (0.8 * 5.28) / 135)
+    text = "\n".join(speed.format_floor(rep))
+    assert "ESTIMATE" in text and "540 GFLOP -> 102 GFLOP/s sustained = 76% of peak" in text
+    assert "0.80x official = 4.22 s needs 107 GFLOP/s sustained = 79% of peak" in text
+    with pytest.raises(ValueError, match="positive"):
+        speed.floor_report(450e9, 540e9, 0.0, 1.2, 4.4)
+
+
+def test_train_step_flops_and_arithmetic_floor(monkeypatch):
+    from smca_detr.utils import speed
+
+    _, model = speed.build_model("smca_r50", TINY)
+    one = speed.train_step_flops(model, hw=(48, 64), batch_size=1)
+    two = speed.train_step_flops(model, hw=(48, 64), batch_size=2)
+    assert one > 0 and two == pytest.approx(2 * one, rel=1e-3)  # per-image matrix work
+    assert all(p.grad is None for p in model.parameters())
+    _, deeper = speed.build_model("smca_r50", TINY + ["MODEL.SMCA_DETR.DEC_LAYERS", "3"])
+    assert speed.train_step_flops(deeper, hw=(48, 64), batch_size=1) > one
+
+    before = torch.get_num_threads()
+    assert speed.sgemm_peak_gflops(threads=1, n=64, iters=1) > 0 and torch.get_num_threads() == before
+    monkeypatch.setattr(speed, "sgemm_peak_gflops", lambda threads=2: 100.0)
+    monkeypatch.setattr(speed, "reference_backbone_seconds", lambda threads=2: 1.36)
+    rep = speed.arithmetic_floor("smca_r50", 4.4, 0.68, threads=1, hw=(48, 64), opts=TINY)
+    assert rep["machine_factor"] == pytest.approx(2.0) and rep["peak_gflops"] == 100.0
+    assert 0 < rep["ours_gflop"] <= rep["official_gflop"]  # the fused path never adds arithmetic
+
+
 def test_machine_calibration_arithmetic(monkeypatch):
     from smca_detr.utils import speed
 

@@ -17,8 +17,11 @@ count means other processes shared the cores and the wall times are inflated.
 the ratios vs the official figures by how much slower this machine is than the official one (an
 estimate; see ``smca_detr.utils.speed``).
 
+``--floor`` prints only the arithmetic floor of the training step instead (its FLOPs, ours and the
+official arithmetic, against this CPU's sgemm peak; ``smca_detr.utils.speed.arithmetic_floor``).
+
 Usage: python tools/benchmark_conditional.py [--threads 2] [--repeats 5] [--channels-last] [--config ...]
-                                             [--calibrate]
+                                             [--calibrate] [--floor]
 """
 import argparse
 import math
@@ -93,9 +96,17 @@ def main(argv=None):
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official figures divided by the machine factor (an estimate)")
+    ap.add_argument("--floor", action="store_true",
+                    help="only print the arithmetic floor of the training step (FLOPs vs this CPU's sgemm peak)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     h, w = args.height, args.width
+    if args.floor:
+        rep = speed.arithmetic_floor(args.config, OFFICIAL["train_step"],
+                                     OFFICIAL["infer"] - OFFICIAL["infer_after_backbone"], threads=args.threads,
+                                     hw=(h, w))
+        print("\n".join(speed.format_floor(rep)))
+        return {"floor": rep}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "
           f"channels-last backbone {args.channels_last}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

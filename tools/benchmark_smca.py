@@ -12,13 +12,15 @@
     step (batch 2 at 640x800: forward + loss + backward + gradient clipping + AdamW).
 
     python tools/benchmark_smca.py [--part attention|model|all] [--threads 2] [--device cpu|cuda]
-                                   [--channels-last] [--stat min|median] [--calibrate]
+                                   [--channels-last] [--stat min|median] [--calibrate] [--floor]
 
 Official SMCA code on the project's 2-core CPU (torch.set_num_threads(2)): 0.85 s/image, 0.17 s of
 it after the backbone; 4.4 s per training step; the target for this port is <= 0.8x of those.
 ``--calibrate`` also times the official backbone (torchvision R50 body, frozen BN) here and divides
 the ratios vs those figures by how much slower this machine is than the official one (an estimate;
-see ``smca_detr.utils.speed``).
+see ``smca_detr.utils.speed``). ``--floor`` also prints the arithmetic floor of the training step
+(its FLOPs, ours and the official arithmetic, against this CPU's sgemm peak;
+``smca_detr.utils.speed.arithmetic_floor``); ``--part none --floor`` prints only that.
 """
 import argparse
 import json
@@ -218,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--calibrate", action="store_true",
                     help="also time the official backbone here (torchvision R50 body, frozen BN, 640x800) and "
                          "print the ratios vs the official CPU figures divided by the machine factor (an estimate)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also print the arithmetic floor of the training step (FLOPs vs this CPU's sgemm peak)")
     ap.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_bwd", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -246,7 +250,13 @@ def main(argv=None):
             cfg, model, build_full_model(args.device)[1], OFFICIAL_CPU["inference_s_per_image"],
             OFFICIAL_CPU["after_backbone_s_per_image"], OFFICIAL_CPU["train_step_s"], args.interleave,
             threads=args.threads, device=args.device)
+    if args.floor:
+        results["floor"] = speed.arithmetic_floor(
+            REPO / "configs" / "smca_r50.yaml", OFFICIAL_CPU["train_step_s"],
+            OFFICIAL_CPU["inference_s_per_image"] - OFFICIAL_CPU["after_backbone_s_per_image"], threads=args.threads)
     print(json.dumps(results, indent=2))
+    if args.floor:
+        print("\n".join(speed.format_floor(results["floor"])))
     if args.calibrate:
         print("\n".join(speed.format_calibration(results["calibration"])))
     if args.interleave:

@@ -10,7 +10,10 @@
 * :func:`time_fn` / :func:`time_once`: wall and process CPU time (warm-up, N calls, min or median,
   CUDA synchronised); :func:`cpu_peak_bytes`: peak resident-memory growth of one call (Linux);
 * :func:`reference_backbone_seconds` / :func:`machine_calibration`: a machine calibration against
-  the machine where the official CPU figures were measured (see below).
+  the machine where the official CPU figures were measured (see below);
+* :func:`arithmetic_floor`: the floating-point work of one training step (ours and the official
+  arithmetic) against this CPU's matrix-multiply peak: what fraction of that peak a time target
+  requires (``--floor`` of the model benchmarks).
 
 Calibration. The official DETR-family repos run a torchvision ResNet-50 body with frozen batch
 norm; its time on the official machine is implied by the official figures (inference minus the
@@ -55,6 +58,11 @@ __all__ = [
     "add_interleave_argument",
     "model_cases",
     "format_interleaved",
+    "train_step_flops",
+    "sgemm_peak_gflops",
+    "floor_report",
+    "arithmetic_floor",
+    "format_floor",
 ]
 
 Device = Union[str, torch.device]
@@ -435,3 +443,105 @@ def add_interleave_argument(parser) -> None:
                         help="also time inference and the training step alternately with the official backbone "
                              "(torchvision R50 body) ROUNDS times and print the median ratio vs the official "
                              "figures on this machine (robust to a drifting shared machine; an estimate)")
+
+
+# ------------------------------------------------------------------------------ arithmetic floor
+def train_step_flops(model: nn.Module, hw: Tuple[int, int] = (640, 800), num_boxes: int = 6,
+                     batch_size: int = 2) -> int:
+    """Floating-point operations (``torch.utils.flop_counter``: matrix products and convolutions,
+    2 per multiply-add; element-wise work is not counted) of one training forward + losses +
+    backward of ``model`` on a batch of ``batch_size`` ``H x W`` images. The gradients are cleared
+    afterwards; the optimizer step (element-wise) is not included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = synthetic_inputs(batch_size, *hw, with_instances=True, num_boxes=num_boxes)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def sgemm_peak_gflops(threads: int = 2, n: int = 2048, iters: int = 5) -> float:
+    """GFLOP/s of the fastest of ``iters`` float32 ``n x n @ n x n`` products on CPU with ``threads``
+    threads: the practical peak of this CPU for the work that dominates a training step."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        t = time_fn(lambda: torch.mm(a, b, out=out), iters=iters, warmup=1, stat="min").seconds
+    finally:
+        torch.set_num_threads(prev)
+    return 2.0 * n ** 3 / t / 1e9
+
+
+def floor_report(ours_flops: float, official_flops: float, peak_gflops: float, machine_factor: float,
+                 official_step_s: float, target_ratio: float = 0.8) -> Dict:
+    """The arithmetic of :func:`arithmetic_floor` (pure, for given measurements).
+
+    ``official_step_s * machine_factor`` estimates the official step here; the official code's
+    sustained rate is its FLOPs over that time. Our step at ``target_ratio`` of it must sustain
+    ``ours_flops / target_time``; both rates are also given as fractions of ``peak_gflops``.
+    ``ours_floor_s`` is our step if every counted FLOP ran at the peak (element-wise work free)."""
+    if min(ours_flops, official_flops, peak_gflops, machine_factor, official_step_s, target_ratio) <= 0:
+        raise ValueError("floor_report: every measurement must be positive")
+    official_here_s = official_step_s * machine_factor
+    target_s = target_ratio * official_here_s
+    official_rate = official_flops / 1e9 / official_here_s
+    required_rate = ours_flops / 1e9 / target_s
+    return {
+        "ours_gflop": ours_flops / 1e9,
+        "official_gflop": official_flops / 1e9,
+        "peak_gflops": peak_gflops,
+        "machine_factor": machine_factor,
+        "official_step_s_here": official_here_s,
+        "official_gflops": official_rate,
+        "official_fraction_of_peak": official_rate / peak_gflops,
+        "ours_floor_s": ours_flops / 1e9 / peak_gflops,
+        "ours_floor_ratio": ours_flops / 1e9 / peak_gflops / official_here_s,
+        "target_ratio": target_ratio,
+        "target_s": target_s,
+        "required_gflops": required_rate,
+        "required_fraction_of_peak": required_rate / peak_gflops,
+        "estimate": True,
+    }
+
+
+def arithmetic_floor(config: str, official_step_s: float, official_backbone_s: float, threads: int = 2,
+                     target_ratio: float = 0.8, hw: Tuple[int, int] = (640, 800), opts: Sequence = ()) -> Dict:
+    """:func:`floor_report` measured here for ``config``: our training step's FLOPs as configured, the
+    official arithmetic's (the same model with ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE False``: direct
+    convolutions, as the official torchvision backbone computes them), the sgemm peak and the machine
+    factor (:func:`reference_backbone_seconds` over ``official_backbone_s``). ``opts``: config overrides
+    of both models."""
+    _, ours = build_model(config, list(opts))
+    ours_flops = train_step_flops(ours, hw)
+    del ours
+    _, direct = build_model(config, list(opts) + ["MODEL.SMCA_DETR.FUSED_CPU_BACKBONE", "False"])
+    official_flops = train_step_flops(direct, hw)
+    del direct
+    peak = sgemm_peak_gflops(threads)
+    factor = reference_backbone_seconds(threads=threads) / official_backbone_s
+    out = floor_report(ours_flops, official_flops, peak, factor, official_step_s, target_ratio)
+    out.update(threads=threads, image_hw=list(hw))
+    return out
+
+
+def format_floor(rep: Mapping) -> List[str]:
+    """Printable lines of an :func:`arithmetic_floor` result."""
+    t = rep["target_ratio"]
+    return [
+        "arithmetic floor of one training step (FLOPs of matrix products and convolutions; an ESTIMATE):",
+        f"  sgemm peak here: {rep['peak_gflops']:.0f} GFLOP/s; machine factor {rep['machine_factor']:.2f} -> "
+        f"official step here ~{rep['official_step_s_here']:.2f} s",
+        f"  official arithmetic: {rep['official_gflop']:.0f} GFLOP -> {rep['official_gflops']:.0f} GFLOP/s sustained "
+        f"= {rep['official_fraction_of_peak']:.0%} of peak",
+        f"  ours: {rep['ours_gflop']:.0f} GFLOP; at 100% of peak with free element-wise work: "
+        f"{rep['ours_floor_s']:.2f} s = {rep['ours_floor_ratio']:.2f}x official",
+        f"  {t:.2f}x official = {rep['target_s']:.2f} s needs {rep['required_gflops']:.0f} GFLOP/s sustained "
+        f"= {rep['required_fraction_of_peak']:.0%} of peak over the whole step",
+    ]
