@@ -770,8 +770,8 @@ def test_train_step_flops_and_arithmetic_floor(monkeypatch):
     before = torch.get_num_threads()
     assert speed.sgemm_peak_gflops(threads=1, n=64, iters=1) > 0 and torch.get_num_threads() == before
     monkeypatch.setattr(speed, "sgemm_peak_gflops", lambda threads=2: 100.0)
-    monkeypatch.setattr(speed, "reference_backbone_seconds", lambda threads=2: 1.36)
-    rep = speed.arithmetic_floor("smca_r50", 4.4, 0.68, threads=1, hw=(48, 64), opts=TINY)
+    monkeypatch.setattr(speed, "reference_backbone_seconds", lambda threads=2, iters=3, hw=(640, 800): 1.36)
+    rep = speed.arithmetic_floor("smca_r50", 4.4, 0.85, 0.17, threads=1, hw=(48, 64), opts=TINY)
     assert rep["machine_factor"] == pytest.approx(2.0) and rep["peak_gflops"] == 100.0
     assert 0 < rep["ours_gflop"] <= rep["official_gflop"]  # the fused path never adds arithmetic
 

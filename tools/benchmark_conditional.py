@@ -102,9 +102,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     h, w = args.height, args.width
     if args.floor:
-        rep = speed.arithmetic_floor(args.config, OFFICIAL["train_step"],
-                                     OFFICIAL["infer"] - OFFICIAL["infer_after_backbone"], threads=args.threads,
-                                     hw=(h, w))
+        rep = speed.arithmetic_floor(args.config, OFFICIAL["train_step"], OFFICIAL["infer"],
+                                     OFFICIAL["infer_after_backbone"], threads=args.threads, hw=(h, w))
         print("\n".join(speed.format_floor(rep)))
         return {"floor": rep}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, config {args.config}, "

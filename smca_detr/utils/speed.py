@@ -511,13 +511,14 @@ def floor_report(ours_flops: float, official_flops: float, peak_gflops: float, m
     }
 
 
-def arithmetic_floor(config: str, official_step_s: float, official_backbone_s: float, threads: int = 2,
-                     target_ratio: float = 0.8, hw: Tuple[int, int] = (640, 800), opts: Sequence = ()) -> Dict:
+def arithmetic_floor(config: str, official_step_s: float, official_inference_s: float,
+                     official_after_backbone_s: float, threads: int = 2, target_ratio: float = 0.8,
+                     hw: Tuple[int, int] = (640, 800), opts: Sequence = ()) -> Dict:
     """:func:`floor_report` measured here for ``config``: our training step's FLOPs as configured, the
     official arithmetic's (the same model with ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE False``: direct
     convolutions, as the official torchvision backbone computes them), the sgemm peak and the machine
-    factor (:func:`reference_backbone_seconds` over ``official_backbone_s``). ``opts``: config overrides
-    of both models."""
+    factor of :func:`machine_calibration` (from the official inference figures). ``hw`` sizes the
+    model's inputs; ``opts``: config overrides of both models."""
     _, ours = build_model(config, list(opts))
     ours_flops = train_step_flops(ours, hw)
     del ours
@@ -525,7 +526,7 @@ def arithmetic_floor(config: str, official_step_s: float, official_backbone_s: f
     official_flops = train_step_flops(direct, hw)
     del direct
     peak = sgemm_peak_gflops(threads)
-    factor = reference_backbone_seconds(threads=threads) / official_backbone_s
+    factor = machine_calibration(official_inference_s, official_after_backbone_s, threads=threads)["machine_factor"]
     out = floor_report(ours_flops, official_flops, peak, factor, official_step_s, target_ratio)
     out.update(threads=threads, image_hw=list(hw))
     return out
