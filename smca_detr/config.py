@@ -51,15 +51,21 @@ def add_smca_detr_config(cfg):
     # own forward runs. False = always detectron2's forward.
     _C.FUSED_CPU_BACKBONE = True
     # Within that fused path: 3x3 stride-1 convolutions with at least this many input channels run
-    # as Winograd F(2x2, 3x3) GEMMs (2.25x fewer multiply-adds; float32 rounding-level differences),
-    # the rest through oneDNN. 128 = R50 res3-res5 (where it measured faster on a 2-core AVX2 CPU,
-    # layers/winograd.py); 0 = never.
+    # as Winograd GEMMs (float32 rounding-level differences, layers/winograd.py), the rest through
+    # oneDNN. 128 = R50 res3-res5 (where it measured faster on a 2-core AVX2 CPU); 0 = never.
     _C.WINOGRAD_MIN_CHANNELS = 128
+    # Those Winograd convolutions (inference and training) use F(4x4, 3x3) (36 GEMMs per 16 output
+    # pixels: 4x fewer multiply-adds than direct, ~4x the float32 rounding of direct) on feature maps
+    # of at least this many pixels (H x W per image), F(2x2, 3x3) (2.25x fewer) on smaller ones.
+    # 1024 = R50 res3-res4 at 640x800 input (res5, 20x25, keeps F(2x2): its 35 tiles per image are too
+    # few for the larger tile's GEMMs); 0 = never F(4x4).
+    _C.WINOGRAD_F4_MIN_PIXELS = 1024
     # CPU training (with FUSED_CPU_BACKBONE): the frozen leading stages (FREEZE_AT) run fused without
     # autograd, and the 3x3 convolutions of trainable bottleneck blocks with at least this many input
     # channels run as differentiable Winograd convolutions (backward in the Winograd domain too).
-    # 256 = R50 res4-res5, where fwd+bwd measured ~1.9x faster at res4; 0 = never.
-    _C.TRAIN_WINOGRAD_MIN_CHANNELS = 256
+    # 128 = R50 res3-res5: fwd+bwd at batch 2 measured 83 vs 173 ms (oneDNN) at res3 with
+    # F(4x4, 3x3), 47 vs 124 ms at res4, 72 vs 148 ms at res5 with F(2x2, 3x3); 0 = never.
+    _C.TRAIN_WINOGRAD_MIN_CHANNELS = 128
     # Transformer width d (d_model). Official: 256.
     _C.HIDDEN_DIM = 256
     # Attention heads M (nheads). Official: 8. Must divide HIDDEN_DIM.

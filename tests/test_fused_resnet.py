@@ -31,7 +31,7 @@ def _randomize_norms(model, gen):
             m.running_var.data.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
 
 
-@pytest.mark.parametrize("winograd_min_channels", [0, 1])
+@pytest.mark.parametrize("winograd_min_channels,f4_min_pixels", [(0, 0), (1, 0), (1, 100)])
 @pytest.mark.parametrize(
     "depth,norm,width,out_features,name",
     [
@@ -41,12 +41,14 @@ def _randomize_norms(model, gen):
     ],
 )
 def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_features, name, winograd_min_channels,
-                                                monkeypatch):
+                                                f4_min_pixels, monkeypatch):
     from smca_detr.modeling import fused_resnet as fused_mod
 
-    wino_calls = []
+    wino_calls = []  # (map pixels, transformed positions: 16 = F(2x2, 3x3), 36 = F(4x4, 3x3))
     real_wino = fused_mod.winograd_conv3x3
-    monkeypatch.setattr(fused_mod, "winograd_conv3x3", lambda *a, **k: wino_calls.append(1) or real_wino(*a, **k))
+    monkeypatch.setattr(fused_mod, "winograd_conv3x3",
+                        lambda x, u, *a, **k: wino_calls.append((x.shape[-2] * x.shape[-1], u.shape[0]))
+                        or real_wino(x, u, *a, **k))
     gen = torch.Generator().manual_seed(0)
     cfg = _cfg(depth, norm, out_features, width, name=name)
     cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 2  # bottleneck width of res2 (R50 only)
@@ -58,9 +60,13 @@ def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_feature
         ok, why = fused_resnet_supported(body, x)
         assert ok, why
         ref = body(x)
-        out = fused_resnet_forward(body, x, winograd_min_channels)
-    # every 3x3 stride-1 conv goes through Winograd when the threshold allows it (none at 0)
+        out = fused_resnet_forward(body, x, winograd_min_channels, winograd_f4_min_pixels=f4_min_pixels)
+    # every 3x3 stride-1 conv goes through Winograd when the threshold allows it (none at 0); the
+    # 70x90 input gives res2 18x23 and res3 9x12 (F(4x4) from 100 pixels), res4 5x6, res5 3x3
     assert (len(wino_calls) > 0) == (winograd_min_channels > 0)
+    assert all(pos == (36 if 0 < f4_min_pixels <= px else 16) for px, pos in wino_calls)
+    if f4_min_pixels and "res5" in out_features:
+        assert {pos for _, pos in wino_calls} == {16, 36}
     assert sorted(out) == sorted(ref)
     for k in ref:
         assert out[k].shape == ref[k].shape and out[k].is_contiguous()
@@ -106,19 +112,23 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
     cfg = _cfg(18, "FrozenBN", ["res4"], 8, name="build_slim_resnet_backbone")
     calls = []
     real = backbone_mod.fused_resnet_forward
-    monkeypatch.setattr(backbone_mod, "fused_resnet_forward", lambda b, x, w, **k: calls.append(w) or real(b, x, w, **k))
+    monkeypatch.setattr(backbone_mod, "fused_resnet_forward",
+                        lambda b, x, w, **k: calls.append((w, k["winograd_f4_min_pixels"])) or real(b, x, w, **k))
     for flag, expected in ((True, 1), (False, 0)):
         calls.clear()
         cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE = flag
         cfg.MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS = 16
+        cfg.MODEL.SMCA_DETR.WINOGRAD_F4_MIN_PIXELS = 77
         bb = DetrBackbone(cfg, ["res4"]).eval()
         with torch.no_grad():
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
-        assert calls == [16] * expected  # the configured Winograd threshold reaches the fused path
-    cfg.MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS = -1
-    with pytest.raises(ValueError, match="WINOGRAD_MIN_CHANNELS"):
-        DetrBackbone(cfg, ["res4"])
+        assert calls == [(16, 77)] * expected  # the configured Winograd thresholds reach the fused path
+    for key in ("WINOGRAD_MIN_CHANNELS", "TRAIN_WINOGRAD_MIN_CHANNELS", "WINOGRAD_F4_MIN_PIXELS"):
+        bad = cfg.clone()
+        bad.MODEL.SMCA_DETR[key] = -1
+        with pytest.raises(ValueError, match=key):
+            DetrBackbone(bad, ["res4"])
 
 
 def test_fused_resnet_not_used_while_tracing():
@@ -175,8 +185,8 @@ def _assert_training_matches_detectron2(body, x, outs, params, gen):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
 
 
-@pytest.mark.parametrize("freeze_at,train_winograd", [(2, 0), (2, 1), (0, 1), (0, 0)])
-def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypatch):
+@pytest.mark.parametrize("freeze_at,train_winograd,f4_min_pixels", [(2, 0, 0), (2, 1, 0), (2, 1, 50), (0, 1, 50), (0, 0, 0)])
+def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_pixels, monkeypatch):
     """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; every conv
     of the trainable blocks runs with its frozen norm folded in (autograd through the fold), and with
     a Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op. Outputs
@@ -193,9 +203,12 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypa
     fused_calls, wino_calls, folded_calls = [], [], []
     real_conv, real_wino, real_train_conv = fused_mod._conv, fused_mod.winograd_conv3x3_train, fused_mod._train_conv
     monkeypatch.setattr(fused_mod, "_conv", lambda *a, **k: fused_calls.append(1) or real_conv(*a, **k))
-    monkeypatch.setattr(fused_mod, "winograd_conv3x3_train", lambda *a, **k: wino_calls.append(1) or real_wino(*a, **k))
+    monkeypatch.setattr(fused_mod, "winograd_conv3x3_train",
+                        lambda x, u, *a, **k: wino_calls.append((x.shape[-2] * x.shape[-1], u.shape[0]))
+                        or real_wino(x, u, *a, **k))
     monkeypatch.setattr(fused_mod, "_train_conv", lambda *a, **k: folded_calls.append(1) or real_train_conv(*a, **k))
-    outs = fused_mod.fused_training_forward(body, x, winograd_min_channels=1, train_winograd_min_channels=train_winograd)
+    outs = fused_mod.fused_training_forward(body, x, winograd_min_channels=1, train_winograd_min_channels=train_winograd,
+                                            winograd_f4_min_pixels=f4_min_pixels)
     trainable_convs = [c for s in body.stages[max(freeze_at - 1, 0):] for b in s for c in fused_mod._convs_of(b)]
     assert len(folded_calls) == len(trainable_convs)
     # FREEZE_AT 2: stem + res2's 3 blocks x (conv1, conv2) through _conv (conv3 is fused with the
@@ -205,6 +218,10 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, monkeypa
     # strides in its 3x3 conv, which stays on oneDNN)
     n_stride1 = 3 + 5 + 2 if freeze_at == 2 else 3 + 3 + 5 + 2
     assert len(wino_calls) == (n_stride1 if train_winograd else 0)
+    # 64x72 input: res2 16x18, res3 8x9 (F(4x4) from 50 pixels), res4 4x5, res5 2x3
+    assert all(pos == (36 if 0 < f4_min_pixels <= px else 16) for px, pos in wino_calls)
+    if train_winograd and f4_min_pixels:
+        assert {pos for _, pos in wino_calls} == {16, 36}
     _assert_training_matches_detectron2(body, x, outs, [p for p in body.parameters() if p.requires_grad], gen)
 
 

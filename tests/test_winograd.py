@@ -1,15 +1,19 @@
-"""Winograd F(2x2, 3x3) convolution (smca_detr/layers/winograd.py) against F.conv2d."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (smca_detr/layers/winograd.py) against F.conv2d."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smca_detr.layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_weight,
+from smca_detr.layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                        winograd_weight_differentiable)
 
+TILES = [2, 4]
 
-@pytest.mark.parametrize("n,c,k,h,w", [(1, 3, 5, 4, 4), (2, 4, 6, 7, 9), (1, 8, 3, 1, 1), (3, 2, 2, 5, 2)])
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("n,c,k,h,w", [(1, 3, 5, 4, 4), (2, 4, 6, 7, 9), (1, 8, 3, 1, 1), (3, 2, 2, 5, 2),
+                                       (1, 3, 2, 9, 12)])
 @pytest.mark.parametrize("with_bias,relu", [(True, True), (False, False), (True, False)])
-def test_winograd_matches_conv2d_float64(n, c, k, h, w, with_bias, relu):
+def test_winograd_matches_conv2d_float64(n, c, k, h, w, with_bias, relu, tile):
     gen = torch.Generator().manual_seed(n * 100 + c * 10 + h)
     x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
     weight = torch.randn(k, c, 3, 3, generator=gen, dtype=torch.float64)
@@ -17,21 +21,24 @@ def test_winograd_matches_conv2d_float64(n, c, k, h, w, with_bias, relu):
     ref = F.conv2d(x, weight, bias, stride=1, padding=1)
     if relu:
         ref = ref.relu()
-    out = winograd_conv3x3(x, winograd_weight(weight), bias if with_bias else None, relu=relu)
+    u = winograd_weight(weight, tile)
+    assert u.shape == ((tile + 2) ** 2, c, k)
+    out = winograd_conv3x3(x, u, bias if with_bias else None, relu=relu)
     assert out.shape == ref.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_winograd_float32_channels_last_input_and_rounding():
+@pytest.mark.parametrize("tile,tol", [(2, 1e-5), (4, 3e-5)])
+def test_winograd_float32_channels_last_input_and_rounding(tile, tol):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 32, 10, 13, generator=gen).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(16, 32, 3, 3, generator=gen) * 0.1
     bias = torch.randn(16, generator=gen)
     ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1).relu()
-    out = winograd_conv3x3(x, winograd_weight(weight), bias, relu=True)
+    out = winograd_conv3x3(x, winograd_weight(weight, tile), bias, relu=True)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
 def test_winograd_weight_transform_is_g_g_gt():
@@ -41,6 +48,18 @@ def test_winograd_weight_transform_is_g_g_gt():
     gm = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
     assert torch.equal(u, gm @ g[0, 0] @ gm.T)
     assert u[1, 2].item() == pytest.approx(sum(gm[1, i] * g[0, 0, i, j] * gm[2, j] for i in range(3) for j in range(3)))
+    # F(4x4, 3x3): G of Lavin & Gray (points 0, 1, -1, 2, -2, infinity)
+    u4 = winograd_weight(g, 4).reshape(6, 6)
+    g4 = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+    torch.testing.assert_close(u4, g4 @ g[0, 0] @ g4.T, rtol=1e-15, atol=1e-15)
+
+
+def test_winograd_tile_choice():
+    assert winograd_tile(40, 50, 1024) == 4
+    assert winograd_tile(32, 32, 1024) == 4
+    assert winograd_tile(31, 33, 1024) == 2
+    assert winograd_tile(200, 200, 0) == 2  # 0: never F(4x4)
 
 
 def test_winograd_refuses_autograd_but_runs_under_no_grad():
@@ -57,10 +76,15 @@ def test_winograd_rejects_wrong_shapes():
         winograd_weight(torch.zeros(2, 2, 5, 5))
     with pytest.raises(ValueError, match="input channels 4"):
         winograd_conv3x3(torch.zeros(1, 4, 3, 3), winograd_weight(torch.zeros(2, 3, 3, 3)))
+    with pytest.raises(ValueError, match="tile must be 2"):
+        winograd_weight(torch.zeros(2, 3, 3, 3), 3)
+    with pytest.raises(ValueError, match=r"\[36, C, K\]"):
+        winograd_conv3x3_train(torch.zeros(1, 3, 4, 4), torch.zeros(25, 3, 2))
 
 
-@pytest.mark.parametrize("n,c,k,h,w", [(2, 3, 4, 5, 6), (1, 2, 3, 4, 4), (2, 4, 2, 7, 3)])
-def test_winograd_train_gradients_float64(n, c, k, h, w):
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("n,c,k,h,w", [(2, 3, 4, 5, 6), (1, 2, 3, 4, 4), (2, 4, 2, 7, 3), (1, 2, 2, 9, 10)])
+def test_winograd_train_gradients_float64(n, c, k, h, w, tile):
     """The hand-written Winograd-domain backward (dx, dU -> dw, dbias) passes gradcheck, and the
     forward and gradients equal F.conv2d's."""
     gen = torch.Generator().manual_seed(h * 10 + w)
@@ -69,7 +93,7 @@ def test_winograd_train_gradients_float64(n, c, k, h, w):
     bias = torch.randn(k, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def fn(x, weight, bias):
-        return winograd_conv3x3_train(x, winograd_weight_differentiable(weight), bias)
+        return winograd_conv3x3_train(x, winograd_weight_differentiable(weight, tile), bias)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
     gout = torch.randn(n, k, h, w, generator=gen, dtype=torch.float64)

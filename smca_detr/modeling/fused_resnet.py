@@ -18,7 +18,8 @@ otherwise and the caller falls back to the modules' own forward:
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
   * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
 3x3 stride-1 convolutions with enough input channels (``MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS``) run
-as Winograd F(2x2, 3x3) GEMMs (:mod:`smca_detr.layers.winograd`) instead of oneDNN's direct kernel.
+as Winograd GEMMs (:mod:`smca_detr.layers.winograd`) instead of oneDNN's direct kernel: F(4x4, 3x3) on
+maps of at least ``MODEL.SMCA_DETR.WINOGRAD_F4_MIN_PIXELS`` pixels, F(2x2, 3x3) on smaller ones.
 In training (:func:`fused_training_forward`), the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``:
 the stem and res2 in the DETR recipes) take the same fused path without autograd
 (:func:`fused_frozen_prefix`): nothing upstream of them needs a gradient, so this is exact, and it
@@ -42,7 +43,8 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 from torch import nn
 
 from ..layers.tracing import tracing_or_compiling
-from ..layers.winograd import winograd_conv3x3, winograd_conv3x3_train, winograd_weight, winograd_weight_differentiable
+from ..layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
+                               winograd_weight_differentiable)
 
 __all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
@@ -200,21 +202,22 @@ def _winograd_ok(conv: nn.Module, min_channels: int) -> bool:
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
 
 
-def _winograd_params(conv: nn.Module, cache: Dict[int, tuple]):
-    """(transformed filters, bias) of the folded conv for :func:`winograd_conv3x3`, cached."""
+def _winograd_params(conv: nn.Module, cache: Dict[int, tuple], tile: int):
+    """(transformed filters, bias) of the folded conv for :func:`winograd_conv3x3` with output tiles
+    of ``tile`` x ``tile``, cached."""
     w, b = _folded(conv, cache)
     key = ("winograd", w.data_ptr(), b.data_ptr())
-    hit = cache.get(("winograd", id(conv)))
+    hit = cache.get(("winograd", tile, id(conv)))
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
-    u = winograd_weight(w)
-    cache[("winograd", id(conv))] = (key, u, b)
+    u = winograd_weight(w, tile)
+    cache[("winograd", tile, id(conv))] = (key, u, b)
     return u, b
 
 
-def _conv(x, conv, cache, relu: bool, winograd_min_channels: int = 0):
+def _conv(x, conv, cache, relu: bool, winograd_min_channels: int = 0, f4_min_pixels: int = 0):
     if _winograd_ok(conv, winograd_min_channels):
-        u, b = _winograd_params(conv, cache)
+        u, b = _winograd_params(conv, cache, winograd_tile(x.shape[-2], x.shape[-1], f4_min_pixels))
         return winograd_conv3x3(x, u, b, relu=relu)
     w, b = _folded(conv, cache)
     return torch.ops.mkldnn._convolution_pointwise(
@@ -230,10 +233,12 @@ def _conv_add_relu(x, residual, conv, cache):
         "add", 1.0, "relu", [], "")
 
 
-def _block(x, block, cache, winograd_min_channels: int):
-    out = _conv(x, block.conv1, cache, relu=True, winograd_min_channels=winograd_min_channels)
+def _block(x, block, cache, winograd_min_channels: int, f4_min_pixels: int):
+    out = _conv(x, block.conv1, cache, relu=True, winograd_min_channels=winograd_min_channels,
+                f4_min_pixels=f4_min_pixels)
     if isinstance(block, BottleneckBlock):
-        out = _conv(out, block.conv2, cache, relu=True, winograd_min_channels=winograd_min_channels)
+        out = _conv(out, block.conv2, cache, relu=True, winograd_min_channels=winograd_min_channels,
+                    f4_min_pixels=f4_min_pixels)
     last = block.conv3 if isinstance(block, BottleneckBlock) else block.conv2
     shortcut = _conv(x, block.shortcut, cache, relu=False) if block.shortcut is not None else x
     return _conv_add_relu(out, shortcut, last, cache)
@@ -259,39 +264,44 @@ def _train_foldable_block(block: nn.Module) -> bool:
     return type(block) in _BLOCK_TYPES and not _convs_unsupported(_convs_of(block))
 
 
-def _train_conv(x, conv, relu: bool, winograd_min_channels: int = 0):
+def _train_conv(x, conv, relu: bool, winograd_min_channels: int = 0, f4_min_pixels: int = 0):
     """``norm(conv(x))`` (then ReLU) as one convolution with the norm folded by autograd: the
     separate per-channel scale-and-shift pass and its backward are saved; the conv weight (and a
     trainable norm affine) get their exact gradients. 3x3 stride-1 convolutions with at least
-    ``winograd_min_channels`` input channels run through the differentiable Winograd op."""
+    ``winograd_min_channels`` input channels run through the differentiable Winograd op (F(4x4, 3x3)
+    on maps of at least ``f4_min_pixels`` pixels)."""
     w, b = _differentiable_fold(conv)
     if _winograd_ok(conv, winograd_min_channels):
-        out = winograd_conv3x3_train(x, winograd_weight_differentiable(w), b).contiguous()
+        tile = winograd_tile(x.shape[-2], x.shape[-1], f4_min_pixels)
+        out = winograd_conv3x3_train(x, winograd_weight_differentiable(w, tile), b).contiguous()
     else:
         out = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.relu_(out) if relu else out
 
 
-def _train_block(x, block, winograd_min_channels: int):
+def _train_block(x, block, winograd_min_channels: int, f4_min_pixels: int):
     """detectron2's ``BottleneckBlock`` / ``BasicBlock`` forward with every norm folded into its
     convolution (:func:`_train_conv`); same outputs and gradients up to float32 rounding."""
     bottleneck = isinstance(block, BottleneckBlock)
-    wmc = winograd_min_channels  # _train_conv applies it to 3x3 stride-1 convs only
-    out = _train_conv(x, block.conv1, relu=True, winograd_min_channels=wmc)
+    # _train_conv applies the Winograd settings to 3x3 stride-1 convs only
+    wino = dict(winograd_min_channels=winograd_min_channels, f4_min_pixels=f4_min_pixels)
+    out = _train_conv(x, block.conv1, relu=True, **wino)
     if bottleneck:
-        out = _train_conv(out, block.conv2, relu=True, winograd_min_channels=wmc)
-    out = _train_conv(out, block.conv3 if bottleneck else block.conv2, relu=False, winograd_min_channels=wmc)
+        out = _train_conv(out, block.conv2, relu=True, **wino)
+    out = _train_conv(out, block.conv3 if bottleneck else block.conv2, relu=False, **wino)
     out += _train_conv(x, block.shortcut, relu=False) if block.shortcut is not None else x
     return F.relu_(out)
 
 
 def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: int = 128,
                          fused_parts: Optional[int] = None,
-                         train_winograd_min_channels: int = 0) -> Dict[str, torch.Tensor]:
+                         train_winograd_min_channels: int = 0,
+                         winograd_f4_min_pixels: int = 0) -> Dict[str, torch.Tensor]:
     """Same outputs as ``body(x)`` (contiguous NCHW), via folded fused oneDNN convolutions.
 
     3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels run through
-    Winograd F(2x2, 3x3) GEMMs instead (:mod:`smca_detr.layers.winograd`; 0 = never). Call only when
+    Winograd GEMMs instead (:mod:`smca_detr.layers.winograd`; 0 = never): F(4x4, 3x3) on maps of at
+    least ``winograd_f4_min_pixels`` pixels (0 = never), F(2x2, 3x3) otherwise. Call only when
     :func:`fused_resnet_supported` says so; or, in training, with ``fused_parts =
     fused_frozen_prefix(body, x)``: that frozen prefix is fused (without autograd) and the remaining
     stages run through their own modules, except that the 3x3 convolutions of bottleneck blocks with
@@ -316,19 +326,21 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
         if i + 1 < n_fused:
             with torch.no_grad():
                 for block in stage:
-                    x = _block(x, block, cache, winograd_min_channels)
+                    x = _block(x, block, cache, winograd_min_channels, winograd_f4_min_pixels)
                 if i + 2 == n_fused:
                     x = x.contiguous()  # NCHW for the modules that follow (as detectron2's forward)
         else:
             for block in stage:
-                x = _train_block(x, block, train_winograd_min_channels) if _train_foldable_block(block) else block(x)
+                x = (_train_block(x, block, train_winograd_min_channels, winograd_f4_min_pixels)
+                     if _train_foldable_block(block) else block(x))
         if name in wanted:
             outputs[name] = x.contiguous()
     return outputs
 
 
 def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channels: int = 128,
-                           train_winograd_min_channels: int = 256) -> Optional[Dict[str, torch.Tensor]]:
+                           train_winograd_min_channels: int = 128,
+                           winograd_f4_min_pixels: int = 0) -> Optional[Dict[str, torch.Tensor]]:
     """``body(x)`` for training on CPU with the exact speed-ups that apply (the fused frozen prefix of
     :func:`fused_frozen_prefix`, Winograd for the 3x3 convolutions of trainable bottleneck blocks with
     at least ``train_winograd_min_channels`` input channels), or None when none applies (the caller
@@ -342,4 +354,5 @@ def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channe
     if not parts and not any(_train_foldable_block(b) for b in trainable):
         return None
     return fused_resnet_forward(body, x, winograd_min_channels, fused_parts=parts,
-                                train_winograd_min_channels=train_winograd_min_channels)
+                                train_winograd_min_channels=train_winograd_min_channels,
+                                winograd_f4_min_pixels=winograd_f4_min_pixels)
