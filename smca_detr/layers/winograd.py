@@ -108,14 +108,9 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tens
     if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         raise RuntimeError("winograd_conv3x3 is inference-only (no autograd); call it under torch.no_grad()")
-    n, c, h, w = x.shape
-    tile = _check_filters(u, c)
-    th, tw = -(-h // tile), -(-w // tile)
-    v = _INPUT_TRANSFORM[tile](x, th, tw)
-    m = torch.bmm(v, u)  # the position-wise GEMMs
-    if bias is not None:
-        m[_BIAS_POSITION[tile]].add_(bias)
-    return _OUTPUT_TRANSFORM[tile](m, n, h, w, th, tw, relu)
+    _check_filters(u, x.shape[1])
+    _, m, dims = _products(x, u, bias)
+    return _output_transform(m, dims, relu)
 
 
 def winograd_weight_differentiable(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
@@ -143,8 +138,8 @@ def _input_transform2(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
     return v.view(16, n * th * tw, c)
 
 
-def _output_transform2(m: torch.Tensor, n: int, h: int, w: int, th: int, tw: int, relu: bool) -> torch.Tensor:
-    """F(2x2, 3x3): A^T M A of the ``[16, N*tH*tW, K]`` products, as ``[N, K, H, W]`` channels-last."""
+def _output_tiles2(m: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
+    """F(2x2, 3x3): A^T M A of the ``[16, N*tH*tW, K]`` products, as tiles ``[N, tH, 2, tW, 2, K]``."""
     k = m.shape[-1]
     m = m.view(4, 4, n, th, tw, k)
     z = m.new_empty((2, 4, n, th, tw, k))
@@ -154,12 +149,7 @@ def _output_transform2(m: torch.Tensor, n: int, h: int, w: int, th: int, tw: int
     for i in range(2):
         torch.add(z[i, 0], z[i, 1], out=out[:, :, i, :, 0]).add_(z[i, 2])
         torch.sub(z[i, 1], z[i, 2], out=out[:, :, i, :, 1]).sub_(z[i, 3])
-    if relu:
-        out.relu_()
-    out = out.view(n, 2 * th, 2 * tw, k)
-    if 2 * th != h or 2 * tw != w:
-        out = out[:, :h, :w].contiguous()
-    return out.permute(0, 3, 1, 2)
+    return out
 
 
 # F(4x4, 3x3). Each 1-D transform below is written with shared sub-expressions, so that a 2-D
@@ -245,24 +235,44 @@ def _input_transform4(x: torch.Tensor, th: int, tw: int) -> torch.Tensor:
     return v.view(36, n * th * tw, c)
 
 
-def _output_transform4(m: torch.Tensor, n: int, h: int, w: int, th: int, tw: int, relu: bool) -> torch.Tensor:
-    """F(4x4, 3x3): A^T M A of the ``[36, N*tH*tW, K]`` products, as ``[N, K, H, W]`` channels-last."""
+def _output_tiles4(m: torch.Tensor, n: int, th: int, tw: int) -> torch.Tensor:
+    """F(4x4, 3x3): A^T M A of the ``[36, N*tH*tW, K]`` products, as tiles ``[N, tH, 4, tW, 4, K]``."""
     k = m.shape[-1]
     m = m.view(6, 6, n, th, tw, k)
     z = m.new_empty((4, 6, n, th, tw, k))
     _at4(m, z)
     out = m.new_empty((n, th, 4, tw, 4, k))
     _at4([z[:, j].permute(1, 2, 0, 3, 4) for j in range(6)], [out[:, :, :, :, j] for j in range(4)])
-    if relu:
-        out.relu_()
-    out = out.view(n, 4 * th, 4 * tw, k)
-    if 4 * th != h or 4 * tw != w:
-        out = out[:, :h, :w].contiguous()
-    return out.permute(0, 3, 1, 2)
+    return out
 
 
 _INPUT_TRANSFORM = {2: _input_transform2, 4: _input_transform4}
-_OUTPUT_TRANSFORM = {2: _output_transform2, 4: _output_transform4}
+_OUTPUT_TILES = {2: _output_tiles2, 4: _output_tiles4}
+
+
+def _products(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(transformed input ``V``, position-wise products ``M = V U`` with the bias, dims) of the
+    convolution of ``x`` with the transformed filters ``u``; dims = (tile, N, C, H, W, tH, tW)."""
+    n, c, h, w = x.shape
+    tile = _tile_of(u)
+    th, tw = -(-h // tile), -(-w // tile)
+    v = _INPUT_TRANSFORM[tile](x, th, tw)
+    m = torch.bmm(v, u)  # the position-wise GEMMs
+    if bias is not None:
+        m[_BIAS_POSITION[tile]].add_(bias)
+    return v, m, (tile, n, c, h, w, th, tw)
+
+
+def _output_transform(m: torch.Tensor, dims: tuple, relu: bool) -> torch.Tensor:
+    """A^T M A of the products (then ReLU), cropped to ``[N, K, H, W]`` in channels-last memory."""
+    tile, n, _, h, w, th, tw = dims
+    out = _OUTPUT_TILES[tile](m, n, th, tw)
+    if relu:
+        out.relu_()
+    out = out.view(n, tile * th, tile * tw, m.shape[-1])
+    if tile * th != h or tile * tw != w:
+        out = out[:, :h, :w].contiguous()
+    return out.permute(0, 3, 1, 2)
 
 
 def _output_adjoint(gy: torch.Tensor, tile: int, th: int, tw: int) -> torch.Tensor:
@@ -330,17 +340,10 @@ class _Winograd3x3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u, bias):
-        n, c, h, w = x.shape
-        tile = _tile_of(u)
-        th, tw = -(-h // tile), -(-w // tile)
-        v = _INPUT_TRANSFORM[tile](x, th, tw)
-        m = torch.bmm(v, u)
-        if bias is not None:
-            m[_BIAS_POSITION[tile]].add_(bias)
+        v, m, ctx.dims = _products(x, u, bias)
         ctx.save_for_backward(v, u)
-        ctx.dims = (tile, n, c, h, w, th, tw)
         ctx.has_bias = bias is not None
-        return _OUTPUT_TRANSFORM[tile](m, n, h, w, th, tw, relu=False)
+        return _output_transform(m, ctx.dims, relu=False)
 
     @staticmethod
     def backward(ctx, gy):
