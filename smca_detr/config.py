@@ -66,6 +66,13 @@ def add_smca_detr_config(cfg):
     # 128 = R50 res3-res5: fwd+bwd at batch 2 measured 83 vs 173 ms (oneDNN) at res3 with
     # F(4x4, 3x3), 47 vs 124 ms at res4, 72 vs 148 ms at res5 with F(2x2, 3x3); 0 = never.
     _C.TRAIN_WINOGRAD_MIN_CHANNELS = 128
+    # CPU training (with FUSED_CPU_BACKBONE): 1x1 convolutions of trainable blocks whose input map has
+    # at least this many pixels (H x W per image) run as per-image GEMMs (layers/conv1x1.py) instead of
+    # oneDNN, which reorders NCHW to its blocked layout around every call and computes the weight
+    # gradient slowly on large maps (fwd+bwd at batch 2, 512->128 @ 80x100: 62 vs 101 ms; on 40x50
+    # maps both are equal, on 20x25 oneDNN wins). 4096 = R50 res3 (and the convs reading res2) at
+    # 640x800 input; 0 = never.
+    _C.TRAIN_GEMM_1X1_MIN_PIXELS = 4096
     # Transformer width d (d_model). Official: 256.
     _C.HIDDEN_DIM = 256
     # Attention heads M (nheads). Official: 8. Must divide HIDDEN_DIM.

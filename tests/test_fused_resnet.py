@@ -124,7 +124,8 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
         assert calls == [(16, 77)] * expected  # the configured Winograd thresholds reach the fused path
-    for key in ("WINOGRAD_MIN_CHANNELS", "TRAIN_WINOGRAD_MIN_CHANNELS", "WINOGRAD_F4_MIN_PIXELS"):
+    for key in ("WINOGRAD_MIN_CHANNELS", "TRAIN_WINOGRAD_MIN_CHANNELS", "WINOGRAD_F4_MIN_PIXELS",
+                "TRAIN_GEMM_1X1_MIN_PIXELS"):
         bad = cfg.clone()
         bad.MODEL.SMCA_DETR[key] = -1
         with pytest.raises(ValueError, match=key):
@@ -185,12 +186,17 @@ def _assert_training_matches_detectron2(body, x, outs, params, gen):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3 * max(1.0, r.abs().max().item()))
 
 
-@pytest.mark.parametrize("freeze_at,train_winograd,f4_min_pixels", [(2, 0, 0), (2, 1, 0), (2, 1, 50), (0, 1, 50), (0, 0, 0)])
-def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_pixels, monkeypatch):
+@pytest.mark.parametrize("freeze_at,train_winograd,f4_min_pixels,gemm_min_pixels",
+                         [(2, 0, 0, 0), (2, 1, 0, 0), (2, 1, 50, 0), (0, 1, 50, 0), (0, 0, 0, 0),
+                          (2, 1, 50, 1), (2, 1, 50, 50), (2, 0, 0, 50), (0, 1, 0, 1)])
+def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_pixels, gemm_min_pixels,
+                                             monkeypatch):
     """The DETR recipe freezes stem + res2 (FREEZE_AT 2): they run fused without autograd; every conv
     of the trainable blocks runs with its frozen norm folded in (autograd through the fold), and with
-    a Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op. Outputs
-    and the gradients of every trainable parameter equal detectron2's own forward/backward."""
+    a Winograd threshold the trainable 3x3 convs run through the differentiable Winograd op, with a
+    GEMM threshold the 1x1 convs on large enough maps run as per-image GEMMs (reading the frozen
+    prefix's channels-last output as is, feeding Winograd channels-last rows). Outputs and the
+    gradients of every trainable parameter equal detectron2's own forward/backward."""
     from smca_detr.modeling import fused_resnet as fused_mod
 
     gen = torch.Generator().manual_seed(1)
@@ -207,8 +213,12 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_p
                         lambda x, u, *a, **k: wino_calls.append((x.shape[-2] * x.shape[-1], u.shape[0]))
                         or real_wino(x, u, *a, **k))
     monkeypatch.setattr(fused_mod, "_train_conv", lambda *a, **k: folded_calls.append(1) or real_train_conv(*a, **k))
+    gemm_calls, real_gemm = [], fused_mod.conv1x1_gemm
+    monkeypatch.setattr(fused_mod, "conv1x1_gemm",
+                        lambda x, *a, **k: gemm_calls.append((x.shape[-2] * x.shape[-1], k["channels_last"]))
+                        or real_gemm(x, *a, **k))
     outs = fused_mod.fused_training_forward(body, x, winograd_min_channels=1, train_winograd_min_channels=train_winograd,
-                                            winograd_f4_min_pixels=f4_min_pixels)
+                                            winograd_f4_min_pixels=f4_min_pixels, train_gemm_min_pixels=gemm_min_pixels)
     trainable_convs = [c for s in body.stages[max(freeze_at - 1, 0):] for b in s for c in fused_mod._convs_of(b)]
     assert len(folded_calls) == len(trainable_convs)
     # FREEZE_AT 2: stem + res2's 3 blocks x (conv1, conv2) through _conv (conv3 is fused with the
@@ -222,11 +232,23 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_p
     assert all(pos == (36 if 0 < f4_min_pixels <= px else 16) for px, pos in wino_calls)
     if train_winograd and f4_min_pixels:
         assert {pos for _, pos in wino_calls} == {16, 36}
+    # 1x1 convs of the trainable blocks: conv1 + conv3 per block, + the shortcut of each stage's first
+    # block; through GEMMs where their input map has >= gemm_min_pixels pixels (res2 288, res3 72, res4 20)
+    n_1x1 = 2 * (4 + 6 + 3) + 3 + (2 * 3 if freeze_at == 0 else 0)  # res2: no shortcut (8 -> 8 channels)
+    if gemm_min_pixels == 1:
+        assert len(gemm_calls) == n_1x1
+    elif gemm_min_pixels == 50:  # res3's convs, and the two res4 first-block convs reading res3's map
+        assert len(gemm_calls) == 2 * 4 + 1 + 2 and {px for px, _ in gemm_calls} == {288, 72}
+    else:
+        assert not gemm_calls
+    # conv1 writes channels-last rows exactly when its conv2 is a Winograd convolution (stride 1)
+    assert sum(cl for _, cl in gemm_calls) == (n_stride1 if train_winograd and gemm_min_pixels == 1 else
+                                               3 if train_winograd and gemm_min_pixels == 50 else 0)
     _assert_training_matches_detectron2(body, x, outs, [p for p in body.parameters() if p.requires_grad], gen)
 
 
-@pytest.mark.parametrize("train_winograd", [0, 1])
-def test_training_forward_basic_blocks_match_detectron2(train_winograd):
+@pytest.mark.parametrize("train_winograd,gemm_min_pixels", [(0, 0), (1, 0), (1, 1)])
+def test_training_forward_basic_blocks_match_detectron2(train_winograd, gemm_min_pixels):
     """R18 (BasicBlock) with eval-mode BatchNorm whose affine parameters train: each conv runs with
     its norm folded through autograd (3x3 stride-1 convs through Winograd with a threshold), and the
     conv weights as well as the norms' gamma/beta get detectron2's gradients."""
@@ -242,7 +264,8 @@ def test_training_forward_basic_blocks_match_detectron2(train_winograd):
             m.eval()  # running statistics: foldable, while weight / bias still train
     assert all(fused_mod._train_foldable_block(b) for s in body.stages for b in s)
     x = torch.randn(2, 3, 40, 44, generator=gen)
-    outs = fused_mod.fused_training_forward(body, x, train_winograd_min_channels=train_winograd)
+    outs = fused_mod.fused_training_forward(body, x, train_winograd_min_channels=train_winograd,
+                                            train_gemm_min_pixels=gemm_min_pixels)
     assert outs is not None
     params = [p for p in body.parameters() if p.requires_grad]
     assert any(p.dim() == 1 for p in params)  # norm affine parameters are among them

@@ -102,3 +102,24 @@ def test_winograd_train_gradients_float64(n, c, k, h, w, tile):
     torch.testing.assert_close(fn(x, weight, bias), F.conv2d(x, weight, bias, padding=1), rtol=1e-12, atol=1e-12)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_winograd_train_fused_relu_float64(tile):
+    """``relu=True`` applies the ReLU in the output transform and masks the gradient with the saved
+    output: values and gradients equal ``relu(conv2d)``'s, including a bias that makes outputs < 0."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = winograd_conv3x3_train(x, winograd_weight_differentiable(weight, tile), bias, relu=True)
+    ref = F.conv2d(x, weight, bias, padding=1).relu()
+    assert (ref == 0).any() and (ref > 0).any()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (x, weight, bias), gout),
+                    torch.autograd.grad(ref, (x, weight, bias), gout)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: winograd_conv3x3_train(x, winograd_weight_differentiable(w, tile), b, relu=True),
+        (x, weight, bias))

@@ -339,15 +339,18 @@ class _Winograd3x3(torch.autograd.Function):
       dx = overlap-add of B dV B^T over the input tiles; dbias = sum of dY."""
 
     @staticmethod
-    def forward(ctx, x, u, bias):
+    def forward(ctx, x, u, bias, relu: bool):
         v, m, ctx.dims = _products(x, u, bias)
-        ctx.save_for_backward(v, u)
-        ctx.has_bias = bias is not None
-        return _output_transform(m, ctx.dims, relu=False)
+        out = _output_transform(m, ctx.dims, relu)
+        ctx.save_for_backward(v, u, out if relu else None)
+        ctx.has_bias, ctx.relu = bias is not None, relu
+        return out
 
     @staticmethod
     def backward(ctx, gy):
-        v, u = ctx.saved_tensors
+        v, u, out = ctx.saved_tensors
+        if ctx.relu:
+            gy = torch.ops.aten.threshold_backward(gy, out, 0)
         tile, n, c, h, w, th, tw = ctx.dims
         dm = _output_adjoint(gy, tile, th, tw)
         du = torch.bmm(v.transpose(1, 2), dm) if ctx.needs_input_grad[1] else None
@@ -355,13 +358,15 @@ class _Winograd3x3(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _input_adjoint(torch.bmm(dm, u.transpose(1, 2)), tile, n, c, h, w, th, tw)
         db = gy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, du, db
+        return dx, du, db, None
 
 
-def winograd_conv3x3_train(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Differentiable ``conv2d(x, w, bias, stride=1, padding=1)`` through Winograd, with
+def winograd_conv3x3_train(x: torch.Tensor, u: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                           relu: bool = False) -> torch.Tensor:
+    """Differentiable ``conv2d(x, w, bias, stride=1, padding=1)`` (then ReLU if ``relu``, applied in
+    the output transform; its output is kept for the backward mask) through Winograd, with
     ``u = winograd_weight_differentiable(w, tile)`` (16 or 36 positions: F(2x2, 3x3) or F(4x4, 3x3);
-    gradients reach ``x``, ``w`` via ``u``, and ``bias``). Returns ``[N, K, H, W]`` channels-last;
-    ReLU is left to the caller."""
+    gradients reach ``x``, ``w`` via ``u``, and ``bias``). Returns ``[N, K, H, W]`` in channels-last
+    memory (a view: copy it before modifying it in place)."""
     _check_filters(u, x.shape[1])
-    return _Winograd3x3.apply(x, u, bias)
+    return _Winograd3x3.apply(x, u, bias, bool(relu))

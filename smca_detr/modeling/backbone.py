@@ -46,9 +46,11 @@ class DetrBackbone(nn.Module):
         self.winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("WINOGRAD_MIN_CHANNELS", 128))
         self.train_winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("TRAIN_WINOGRAD_MIN_CHANNELS", 128))
         self.winograd_f4_min_pixels = int(cfg.MODEL.SMCA_DETR.get("WINOGRAD_F4_MIN_PIXELS", 1024))
+        self.train_gemm_min_pixels = int(cfg.MODEL.SMCA_DETR.get("TRAIN_GEMM_1X1_MIN_PIXELS", 4096))
         for key, value in (("WINOGRAD_MIN_CHANNELS", self.winograd_min_channels),
                            ("TRAIN_WINOGRAD_MIN_CHANNELS", self.train_winograd_min_channels),
-                           ("WINOGRAD_F4_MIN_PIXELS", self.winograd_f4_min_pixels)):
+                           ("WINOGRAD_F4_MIN_PIXELS", self.winograd_f4_min_pixels),
+                           ("TRAIN_GEMM_1X1_MIN_PIXELS", self.train_gemm_min_pixels)):
             if value < 0:
                 raise ValueError(f"MODEL.SMCA_DETR.{key} must be >= 0 (0 = never), got {value}")
         shapes = self.body.output_shape()
@@ -74,7 +76,8 @@ class DetrBackbone(nn.Module):
                                              winograd_f4_min_pixels=self.winograd_f4_min_pixels)
             else:  # training: fused frozen stages, Winograd 3x3 convolutions in the trainable ones
                 feats = fused_training_forward(self.body, images, self.winograd_min_channels,
-                                               self.train_winograd_min_channels, self.winograd_f4_min_pixels)
+                                               self.train_winograd_min_channels, self.winograd_f4_min_pixels,
+                                               self.train_gemm_min_pixels)
         if feats is None:
             feats = self.body(images)
         mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)

@@ -42,6 +42,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
+from ..layers.conv1x1 import conv1x1_gemm
 from ..layers.tracing import tracing_or_compiling
 from ..layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                winograd_weight_differentiable)
@@ -264,39 +265,65 @@ def _train_foldable_block(block: nn.Module) -> bool:
     return type(block) in _BLOCK_TYPES and not _convs_unsupported(_convs_of(block))
 
 
-def _train_conv(x, conv, relu: bool, winograd_min_channels: int = 0, f4_min_pixels: int = 0):
+def _gemm_ok(conv: nn.Module, x: torch.Tensor, min_pixels: int) -> bool:
+    """Whether ``conv`` (1x1, no padding, no groups) runs as per-image GEMMs in training: its input map
+    has at least ``min_pixels`` pixels (``min_pixels > 0``)."""
+    return (0 < min_pixels <= x.shape[-2] * x.shape[-1] and tuple(conv.kernel_size) == (1, 1)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
+
+
+def _train_conv(x, conv, relu: bool, winograd_min_channels: int = 0, f4_min_pixels: int = 0,
+                gemm_min_pixels: int = 0, channels_last: bool = False):
     """``norm(conv(x))`` (then ReLU) as one convolution with the norm folded by autograd: the
     separate per-channel scale-and-shift pass and its backward are saved; the conv weight (and a
     trainable norm affine) get their exact gradients. 3x3 stride-1 convolutions with at least
     ``winograd_min_channels`` input channels run through the differentiable Winograd op (F(4x4, 3x3)
-    on maps of at least ``f4_min_pixels`` pixels)."""
+    on maps of at least ``f4_min_pixels`` pixels; output in channels-last memory), 1x1 convolutions
+    on maps of at least ``gemm_min_pixels`` pixels as per-image GEMMs (:func:`conv1x1_gemm`: any input
+    layout, output channels-last if ``channels_last``), the others through ``F.conv2d`` on NCHW."""
     w, b = _differentiable_fold(conv)
     if _winograd_ok(conv, winograd_min_channels):
         tile = winograd_tile(x.shape[-2], x.shape[-1], f4_min_pixels)
-        out = winograd_conv3x3_train(x, winograd_weight_differentiable(w, tile), b).contiguous()
-    else:
-        out = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return winograd_conv3x3_train(x, winograd_weight_differentiable(w, tile), b, relu=relu)
+    if _gemm_ok(conv, x, gemm_min_pixels):
+        return conv1x1_gemm(x, w, b, conv.stride, relu=relu, channels_last=channels_last)
+    out = F.conv2d(x.contiguous(), w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.relu_(out) if relu else out
 
 
-def _train_block(x, block, winograd_min_channels: int, f4_min_pixels: int):
+def _train_block(x, block, winograd_min_channels: int, f4_min_pixels: int, gemm_min_pixels: int = 0):
     """detectron2's ``BottleneckBlock`` / ``BasicBlock`` forward with every norm folded into its
-    convolution (:func:`_train_conv`); same outputs and gradients up to float32 rounding."""
+    convolution (:func:`_train_conv`); same outputs and gradients up to float32 rounding. Layouts:
+    a channels-last input (the fused frozen prefix's output) is read as is by GEMM convolutions,
+    a bottleneck's conv1 writes channels-last rows when conv2 is a Winograd convolution (which reads
+    them), and the block's output is NCHW."""
     bottleneck = isinstance(block, BottleneckBlock)
-    # _train_conv applies the Winograd settings to 3x3 stride-1 convs only
-    wino = dict(winograd_min_channels=winograd_min_channels, f4_min_pixels=f4_min_pixels)
-    out = _train_conv(x, block.conv1, relu=True, **wino)
+    if not x.is_contiguous() and not all(_gemm_ok(c, x, gemm_min_pixels)
+                                         for c in (block.conv1, block.shortcut) if c is not None):
+        x = x.contiguous()  # one NCHW copy for all the consumers that need it
+    # _train_conv applies the Winograd settings to 3x3 stride-1 convs, the GEMM setting to 1x1 ones
+    opts = dict(winograd_min_channels=winograd_min_channels, f4_min_pixels=f4_min_pixels,
+                gemm_min_pixels=gemm_min_pixels)
     if bottleneck:
-        out = _train_conv(out, block.conv2, relu=True, **wino)
-    out = _train_conv(out, block.conv3 if bottleneck else block.conv2, relu=False, **wino)
-    out += _train_conv(x, block.shortcut, relu=False) if block.shortcut is not None else x
+        out = _train_conv(x, block.conv1, relu=True, **opts,
+                          channels_last=_winograd_ok(block.conv2, winograd_min_channels))
+        out = _train_conv(out, block.conv2, relu=True, **opts)
+        out = _train_conv(out, block.conv3, relu=False, **opts)
+    else:
+        out = _train_conv(x, block.conv1, relu=True, **opts)
+        out = _train_conv(out, block.conv2, relu=False, **opts)
+    shortcut = _train_conv(x, block.shortcut, relu=False, **opts) if block.shortcut is not None else x
+    if out._is_view():  # a Winograd output (a channels-last view): the in-place sum needs its own tensor
+        out = out.contiguous() if not out.is_contiguous() else out.clone()
+    out += shortcut
     return F.relu_(out)
 
 
 def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: int = 128,
                          fused_parts: Optional[int] = None,
                          train_winograd_min_channels: int = 0,
-                         winograd_f4_min_pixels: int = 0) -> Dict[str, torch.Tensor]:
+                         winograd_f4_min_pixels: int = 0,
+                         train_gemm_min_pixels: int = 0) -> Dict[str, torch.Tensor]:
     """Same outputs as ``body(x)`` (contiguous NCHW), via folded fused oneDNN convolutions.
 
     3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels run through
@@ -306,7 +333,8 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
     fused_frozen_prefix(body, x)``: that frozen prefix is fused (without autograd) and the remaining
     stages run through their own modules, except that the 3x3 convolutions of bottleneck blocks with
     at least ``train_winograd_min_channels`` input channels (0 = none) use the differentiable
-    Winograd convolution."""
+    Winograd convolution and their 1x1 convolutions on maps of at least ``train_gemm_min_pixels``
+    pixels (0 = none) run as per-image GEMMs (:func:`smca_detr.layers.conv1x1.conv1x1_gemm`)."""
     n_fused = 1 + len(body.stages) if fused_parts is None else int(fused_parts)
     cache = body.__dict__.setdefault("_smca_fused_cache", {})
     wanted = set(body._out_features)
@@ -327,12 +355,11 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
             with torch.no_grad():
                 for block in stage:
                     x = _block(x, block, cache, winograd_min_channels, winograd_f4_min_pixels)
-                if i + 2 == n_fused:
-                    x = x.contiguous()  # NCHW for the modules that follow (as detectron2's forward)
         else:
             for block in stage:
-                x = (_train_block(x, block, train_winograd_min_channels, winograd_f4_min_pixels)
-                     if _train_foldable_block(block) else block(x))
+                x = (_train_block(x, block, train_winograd_min_channels, winograd_f4_min_pixels,
+                                  train_gemm_min_pixels)
+                     if _train_foldable_block(block) else block(x.contiguous()))  # NCHW, as detectron2's forward
         if name in wanted:
             outputs[name] = x.contiguous()
     return outputs
@@ -340,11 +367,13 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
 
 def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channels: int = 128,
                            train_winograd_min_channels: int = 128,
-                           winograd_f4_min_pixels: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+                           winograd_f4_min_pixels: int = 0,
+                           train_gemm_min_pixels: int = 0) -> Optional[Dict[str, torch.Tensor]]:
     """``body(x)`` for training on CPU with the exact speed-ups that apply (the fused frozen prefix of
     :func:`fused_frozen_prefix`, Winograd for the 3x3 convolutions of trainable bottleneck blocks with
-    at least ``train_winograd_min_channels`` input channels), or None when none applies (the caller
-    runs ``body(x)`` itself)."""
+    at least ``train_winograd_min_channels`` input channels, per-image GEMMs for their 1x1
+    convolutions on maps of at least ``train_gemm_min_pixels`` pixels), or None when none applies (the
+    caller runs ``body(x)`` itself)."""
     if not isinstance(body, ResNet) or getattr(body, "num_classes", None) is not None:
         return None
     if _environment_unsupported(x):
@@ -355,4 +384,5 @@ def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channe
         return None
     return fused_resnet_forward(body, x, winograd_min_channels, fused_parts=parts,
                                 train_winograd_min_channels=train_winograd_min_channels,
-                                winograd_f4_min_pixels=winograd_f4_min_pixels)
+                                winograd_f4_min_pixels=winograd_f4_min_pixels,
+                                train_gemm_min_pixels=train_gemm_min_pixels)
