@@ -31,8 +31,8 @@ one-GEMM Winograd filter transform, 8% less R50 backbone training time); their 3
 ``MODEL.SMCA_DETR.TRAIN_WINOGRAD_MIN_CHANNELS`` input channels use the differentiable Winograd
 convolution, and their 1x1 convolutions on maps of at least ``MODEL.SMCA_DETR.TRAIN_GEMM_1X1_MIN_PIXELS``
 pixels run as per-image GEMMs (:mod:`smca_detr.layers.conv1x1`) that read the frozen prefix's
-channels-last output as is and hand Winograd channels-last rows. Blocks with a training-mode BatchNorm, the stem and other block types run their own
-forward.
+channels-last output as is and hand Winograd channels-last rows. Blocks with a training-mode
+BatchNorm, the stem and other block types run their own forward.
 Folded weights are cached per convolution and recomputed when any source tensor changes (new
 checkpoint, ``load_state_dict``, in-place edits), keyed on storage pointers and version counters.
 """
