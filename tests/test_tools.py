@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -885,13 +886,35 @@ def test_benchmark_smca_and_conditional_calibrate(tmp_path, monkeypatch, capsys)
 
 
 def test_cpu_peak_bytes_and_msda_benchmark_smoke():
-    from smca_detr.utils import speed
-
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc")
-    peak = speed.cpu_peak_bytes(lambda: torch.empty(64 * 2 ** 20, dtype=torch.uint8).fill_(1))
+    # in a fresh process: in this one, earlier tests may have left freed heap memory resident that a
+    # new buffer reuses without growing the RSS
+    code = ("import torch; from smca_detr.utils import speed; "
+            "print(speed.cpu_peak_bytes(lambda: torch.empty(64 * 2 ** 20, dtype=torch.uint8).fill_(1)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
+    peak = int(out.stdout.split()[-1])
     assert 60 * 2 ** 20 <= peak < 200 * 2 ** 20  # the 64 MiB buffer (mmap-ed, returned on free)
     rows = _load_tool("benchmark_msda").main(["--device", "cpu", "--size", "tiny", "--repeats", "2", "--warmup", "0",
                                               "--cases", "decoder"])
     assert [(r["case"], r["impl"], r["dtype"]) for r in rows] == [("decoder", "pytorch", "fp32")]
     assert rows[0]["fwd"] > 0 and rows[0]["fwd_bwd"] > 0 and rows[0]["err"] == 0
+
+
+def test_benchmark_ab_alternates_and_refuses_changed_maths():
+    """tools/benchmark_ab.py: two models of one config, timed in ABBA order; a speed-only option
+    passes the agreement check, an option that changes the results is refused."""
+    tool = _load_tool("benchmark_ab")
+    common = ["--config-file", "configs/demo/smca_r18_slim_synthetic.yaml", "--height", "64", "--width", "96",
+              "--threads", "1"]
+    for case in ("train", "backbone", "inference"):
+        res = tool.main(common + ["--case", case, "--rounds", "3",
+                                  "--b-opts", "MODEL.SMCA_DETR.TRAIN_GEMM_1X1_MIN_PIXELS", "1",
+                                  "MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS", "0"])
+        assert res["case"] == case and [len(res["times_s"][k]) for k in "AB"] == [3, 3]
+        ratios = [b / a for a, b in zip(res["times_s"]["A"], res["times_s"]["B"])]
+        assert res["ratio_b_over_a"]["median"] == sorted(ratios)[1]
+    with pytest.raises(SystemExit, match="change the results"):
+        tool.main(common + ["--case", "backbone", "--rounds", "1", "--b-opts", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"])
+    with pytest.raises(SystemExit):
+        tool.main(common + ["--b-opts", "MODEL.SMCA_DETR.HIDDEN_DIM"])  # not KEY VALUE pairs
