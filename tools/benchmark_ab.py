@@ -27,7 +27,6 @@ speed-up.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -111,9 +110,7 @@ def run(args) -> dict:
     times = {"A": [], "B": []}
     for i in range(args.rounds):
         for name in ("AB" if i % 2 == 0 else "BA"):
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(speed.time_once(calls[name])[0])
     ratios = [b / a for a, b in zip(times["A"], times["B"])]
     return {"case": args.case, "rounds": args.rounds, "a_opts": args.a_opts, "b_opts": args.b_opts,
             "median_s": {k: statistics.median(v) for k, v in times.items()},
