@@ -918,3 +918,111 @@ def test_benchmark_ab_alternates_and_refuses_changed_maths():
         tool.main(common + ["--case", "backbone", "--rounds", "1", "--b-opts", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"])
     with pytest.raises(SystemExit):
         tool.main(common + ["--b-opts", "MODEL.SMCA_DETR.HIDDEN_DIM"])  # not KEY VALUE pairs
+
+
+_FAKE_OFFICIAL_MODELS = '''
+import torch
+from torch import nn
+
+CALLS = []
+
+
+class Model(nn.Module):
+    def __init__(self, num_queries):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(4, 5)
+        self.num_queries = num_queries
+
+    def forward(self, samples):
+        samples, targets = samples  # the official SMCA API: model([samples, targets])
+        CALLS.append((self.training, samples.tensors.shape, [t["size"].tolist() for t in targets]))
+        x = self.backbone(samples.tensors).mean((2, 3))
+        return {"pred_logits": self.head(x)[:, None].expand(-1, self.num_queries, -1)}
+
+
+class Criterion(nn.Module):
+    weight_dict = {"loss_ce": 2.0}
+
+    def forward(self, outputs, targets):
+        n = sum(len(t["labels"]) for t in targets)
+        return {"loss_ce": outputs["pred_logits"].square().mean() * n, "class_error": torch.tensor(0.0)}
+
+
+def build_model(args):
+    global MODEL, INITIAL
+    MODEL = Model(args.num_queries)
+    INITIAL = [p.detach().clone() for p in MODEL.parameters()]
+    post = {"bbox": lambda outputs, sizes: [{"scores": o} for o in outputs["pred_logits"].sigmoid()]}
+    return MODEL, Criterion(), post
+'''
+
+_FAKE_OFFICIAL_MISC = '''
+import torch
+
+
+class NestedTensor:
+    def __init__(self, tensors, mask):
+        self.tensors, self.mask = tensors, mask
+
+
+def nested_tensor_from_tensor_list(images):
+    h = max(i.shape[1] for i in images); w = max(i.shape[2] for i in images)
+    t = torch.zeros(len(images), 3, h, w); m = torch.ones(len(images), h, w, dtype=torch.bool)
+    for k, i in enumerate(images):
+        t[k, :, :i.shape[1], :i.shape[2]] = i; m[k, :i.shape[1], :i.shape[2]] = False
+    return NestedTensor(t, m)
+'''
+
+
+def test_benchmark_official_times_both_alternately(tmp_path, capsys):
+    """tools/benchmark_official.py against a stand-in official checkout (same API as the SMCA repo:
+    models.build_model(args) -> model, criterion, postprocessors; util.misc.nested_tensor_from_tensor_list):
+    inputs converted as the official data pipeline hands them over, the official training step
+    updates its parameters, every round times both, the ratio is the median of the per-round
+    ours / official ratios; a checkout without the family's entry file is refused."""
+    tool = _load_tool("benchmark_official")
+    root = tmp_path / "official"
+    (root / "models").mkdir(parents=True)
+    (root / "util").mkdir()
+    (root / "models" / "__init__.py").write_text(_FAKE_OFFICIAL_MODELS)
+    (root / "models" / "detr.py").write_text("")
+    (root / "util" / "__init__.py").write_text("")
+    (root / "util" / "misc.py").write_text(_FAKE_OFFICIAL_MISC)
+    try:
+        res = tool.main(["--official-root", str(root), "--family", "smca", "--rounds", "3", "--threads", "1",
+                         "--config-file", "configs/demo/smca_r18_slim_synthetic.yaml",
+                         "--height", "64", "--width", "96", "--boxes", "3"])
+        fake = sys.modules["models"]
+        # warm-up + 3 rounds of each case; training calls see the batch of 2 and its sizes
+        train_calls = [c for c in fake.CALLS if c[0]]
+        eval_calls = [c for c in fake.CALLS if not c[0]]
+        assert len(train_calls) == 4 and len(eval_calls) == 4
+        assert train_calls[0][1] == (2, 3, 64, 96) and train_calls[0][2] == [[64, 96], [64, 96]]
+        assert eval_calls[0][1] == (1, 3, 64, 96)
+        assert all(not torch.equal(p, q) for p, q in zip(fake.MODEL.parameters(), fake.INITIAL))  # AdamW stepped
+        for case in ("inference", "train"):
+            s = res[case]["seconds"]
+            assert len(s["ours"]) == len(s["official"]) == 3
+            ratios = sorted(a / b for a, b in zip(s["ours"], s["official"]))
+            assert res[case]["ratio"]["median"] == ratios[1]
+            assert res[case]["ratio"]["min"] == ratios[0] and res[case]["ratio"]["max"] == ratios[2]
+        assert "ours / official: median" in capsys.readouterr().out
+
+        # the conversion of our detectron2 inputs into the official format
+        batch = tool.speed.synthetic_inputs(2, 32, 48, with_instances=True, num_boxes=2)
+        samples, targets = tool.official_inputs(batch)
+        img = batch[1]["image"].flip(0) / 255.0
+        mean, std = torch.tensor(tool._MEAN).view(3, 1, 1), torch.tensor(tool._STD).view(3, 1, 1)
+        torch.testing.assert_close(samples.tensors[1], (img - mean) / std, rtol=0, atol=0)
+        b = batch[0]["instances"].gt_boxes.tensor
+        want = torch.stack([(b[:, 0] + b[:, 2]) / 96, (b[:, 1] + b[:, 3]) / 64,
+                            (b[:, 2] - b[:, 0]) / 48, (b[:, 3] - b[:, 1]) / 32], 1)
+        torch.testing.assert_close(targets[0]["boxes"], want, rtol=1e-6, atol=1e-7)
+        assert targets[0]["labels"].tolist() == (batch[0]["instances"].gt_classes + 1).tolist()
+        assert targets[0]["size"].tolist() == [32, 48]
+    finally:
+        for mod in [m for m in sys.modules if m in ("models", "util") or m.startswith(("models.", "util."))]:
+            del sys.modules[mod]
+    with pytest.raises(SystemExit):
+        tool.main(["--official-root", str(tmp_path / "nowhere"), "--family", "conditional"])

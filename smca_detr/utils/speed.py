@@ -342,11 +342,12 @@ def model_cases(cfg, model: nn.Module, train_model: nn.Module, hw: Tuple[int, in
                 device: Device = "cpu", num_boxes: int = 6) -> Dict[str, Callable]:
     """The two timed cases of the issues through detectron2's model API: ``"inference"`` of ``model``
     (eval mode, no grad, one ``H x W`` image) and ``"train_step"`` of ``train_model`` (train mode, a
-    batch of two with ``num_boxes`` boxes each, forward + losses + backward + the trainer's AdamW with
-    clipping). Two instances, so that the training updates do not invalidate the inference model's
+    batch of two with ``num_boxes`` boxes each, of the config's classes, forward + losses + backward +
+    the trainer's AdamW with clipping). Two instances, so that the training updates do not invalidate the inference model's
     cached folded weights between calls."""
     image = synthetic_inputs(1, *hw, device)
-    batch = synthetic_inputs(2, *hw, device, with_instances=True, num_boxes=num_boxes)
+    batch = synthetic_inputs(2, *hw, device, with_instances=True, num_boxes=num_boxes,
+                             num_classes=cfg.MODEL.SMCA_DETR.NUM_CLASSES)
     model.eval()
     train_model.train()
     opt = build_adamw(cfg, train_model)
