@@ -924,6 +924,8 @@ _FAKE_OFFICIAL_MODELS = '''
 import torch
 from torch import nn
 
+from . import attention  # binds torch.nn.functional.dropout by name, as Conditional DETR's does
+
 CALLS = []
 
 
@@ -987,6 +989,7 @@ def test_benchmark_official_times_both_alternately(tmp_path, capsys):
     (root / "util").mkdir()
     (root / "models" / "__init__.py").write_text(_FAKE_OFFICIAL_MODELS)
     (root / "models" / "detr.py").write_text("")
+    (root / "models" / "attention.py").write_text("from torch.nn.functional import dropout\n")
     (root / "util" / "__init__.py").write_text("")
     (root / "util" / "misc.py").write_text(_FAKE_OFFICIAL_MISC)
     try:
@@ -1021,6 +1024,22 @@ def test_benchmark_official_times_both_alternately(tmp_path, capsys):
         torch.testing.assert_close(targets[0]["boxes"], want, rtol=1e-6, atol=1e-7)
         assert targets[0]["labels"].tolist() == (batch[0]["instances"].gt_classes + 1).tolist()
         assert targets[0]["size"].tolist() == [32, 48]
+
+        # --official-fast-dropout: F.dropout and names bound to it in the official modules, restored after
+        original = torch.nn.functional.dropout
+        x = torch.rand(4000) + 1
+        with tool.fast_dropout():
+            assert sys.modules["models.attention"].dropout is torch.nn.functional.dropout is not original
+            y = sys.modules["models.attention"].dropout(x, 0.25)
+            assert torch.equal(torch.nn.functional.dropout(x, 0.25, training=False), x)
+        assert sys.modules["models.attention"].dropout is torch.nn.functional.dropout is original
+        kept = y != 0
+        torch.testing.assert_close(y[kept], x[kept] / 0.75, rtol=1e-6, atol=0)
+        assert 0.7 < kept.float().mean() < 0.8
+        res = tool.main(["--official-root", str(root), "--family", "smca", "--rounds", "1", "--threads", "1",
+                         "--config-file", "configs/demo/smca_r18_slim_synthetic.yaml", "--case", "train",
+                         "--height", "64", "--width", "96", "--official-fast-dropout"])
+        assert res["official_fast_dropout"] and list(res)[-1] == "train"
     finally:
         for mod in [m for m in sys.modules if m in ("models", "util") or m.startswith(("models.", "util."))]:
             del sys.modules[mod]

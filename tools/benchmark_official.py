@@ -30,6 +30,7 @@ official files import under version checks which misfire on torch 2.x get what t
 on new versions, or placeholders that raise if called (``_import_shims``).
 """
 import argparse
+import contextlib
 import statistics
 import sys
 from argparse import Namespace
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--width", type=int, default=800)
     ap.add_argument("--boxes", type=int, default=6, help="ground-truth boxes per training image")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the issues' figures: 2)")
+    ap.add_argument("--official-fast-dropout", action="store_true",
+                    help="give the official model's dropout our fast CPU mask generator (same distribution): "
+                         "what the official step would cost where PyTorch's bernoulli is fast (Intel with MKL)")
     args = ap.parse_args(argv)
     root = Path(args.official_root)
     entry = root / FAMILIES[args.family]["entry"]
@@ -187,8 +191,10 @@ def official_inputs(batch: List[dict]):
     return nested_tensor_from_tensor_list(images), targets
 
 
-def official_cases(root: str, family: str, hw, num_boxes: int) -> Dict[str, Callable]:
-    """The two timed cases of the official model (see the module docstring)."""
+def official_cases(root: str, family: str, hw, num_boxes: int, with_fast_dropout: bool = False
+                   ) -> Dict[str, Callable]:
+    """The two timed cases of the official model (see the module docstring); ``with_fast_dropout``
+    runs them under :func:`fast_dropout`."""
     spec = FAMILIES[family]
     model, criterion, post, args = build_official(root, family)
     sys.path.insert(0, str(Path(root).resolve()))
@@ -224,7 +230,49 @@ def official_cases(root: str, family: str, hw, num_boxes: int) -> Dict[str, Call
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         optimizer.step()
 
-    return {"inference": inference, "train": train}
+    if not with_fast_dropout:
+        return {"inference": inference, "train": train}
+
+    def under_fast_dropout(fn):
+        def call():
+            with fast_dropout():
+                fn()
+        return call
+
+    return {"inference": under_fast_dropout(inference), "train": under_fast_dropout(train)}
+
+
+@contextlib.contextmanager
+def fast_dropout():
+    """``torch.nn.functional.dropout`` (what the official ``nn.Dropout`` and attentions call) with the
+    mask from :mod:`smca_detr.layers.dropout` for float CPU tensors, for the official calls only.
+    PyTorch's CPU ``bernoulli_`` is parallel (MKL) on Intel processors only; elsewhere its sequential
+    generator makes dropout a large part of the official training step, so this shows the ratio for
+    a machine where it is fast."""
+    import torch.nn.functional as F
+
+    from smca_detr.layers.dropout import scale_mask
+
+    original = F.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if (training and 0.0 < p < 1.0 and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64)):
+            mask = scale_mask(x.shape, p, x.dtype)
+            return x.mul_(mask) if inplace else x * mask
+        return original(x, p, training, inplace)
+
+    # torch.nn.functional itself, and official modules that imported the function by name
+    # (Conditional DETR's models/attention.py: ``from torch.nn.functional import ..., dropout``)
+    owners = [F] + [m for name, m in list(sys.modules.items())
+                    if name.startswith("models.") and getattr(m, "dropout", None) is original]
+    for owner in owners:
+        owner.dropout = dropout
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.dropout = original
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -253,21 +301,22 @@ def main(argv=None) -> Dict:
     torch.set_num_threads(args.threads)
     hw = (args.height, args.width)
     spec = FAMILIES[args.family]
-    official = official_cases(args.official_root, args.family, hw, args.boxes)
+    official = official_cases(args.official_root, args.family, hw, args.boxes, args.official_fast_dropout)
     config = args.config_file or str(REPO / spec["config"])
     cfg, model = speed.build_model(config)
     _, train_model = speed.build_model(config)
     mine = speed.model_cases(cfg, model, train_model, hw, num_boxes=args.boxes)
     ours = {"inference": mine["inference"], "train": mine["train_step"]}
     res = alternate(ours, official, list(args.case), args.rounds)
-    print(f"{args.family}: ours ({Path(config).name}) vs the official code at {args.official_root}, "
+    print(f"{args.family}: ours ({Path(config).name}) vs the official code at {args.official_root}"
+          f"{' (with our fast dropout)' if args.official_fast_dropout else ''}, "
           f"{args.rounds} alternating rounds, {args.threads} threads, {hw[0]}x{hw[1]}")
     for c, r in res.items():
         s = r["seconds"]
         print(f"  {c}: ours median {statistics.median(s['ours']):.3f} s, official median "
               f"{statistics.median(s['official']):.3f} s; ours / official: median {r['ratio']['median']:.3f} "
               f"(rounds {r['ratio']['min']:.3f}-{r['ratio']['max']:.3f})")
-    return {"family": args.family, "rounds": args.rounds, "threads": args.threads, "image_hw": list(hw), **res}
+    return {"family": args.family, "official_fast_dropout": args.official_fast_dropout, "rounds": args.rounds, "threads": args.threads, "image_hw": list(hw), **res}
 
 
 if __name__ == "__main__":
