@@ -31,6 +31,7 @@ on new versions, or placeholders that raise if called (``_import_shims``).
 """
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 from argparse import Namespace
@@ -225,6 +226,8 @@ def official_cases(root: str, family: str, hw, num_boxes: int, with_fast_dropout
         loss_dict = criterion(call(samples2, targets2), targets2)
         weights = criterion.weight_dict
         losses = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+        if not math.isfinite(losses.item()):  # the official engine reads and checks the loss too
+            raise FloatingPointError(f"official training loss is not finite: {losses.item()}")
         optimizer.zero_grad()
         losses.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
