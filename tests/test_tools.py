@@ -901,6 +901,20 @@ def test_cpu_peak_bytes_and_msda_benchmark_smoke():
     assert rows[0]["fwd"] > 0 and rows[0]["fwd_bwd"] > 0 and rows[0]["err"] == 0
 
 
+def test_time_alternately_flips_the_order_every_round():
+    """speed.time_alternately: ABBA order per case, one time per variant and round; ratio_summary."""
+    from smca_detr.utils import speed
+
+    calls = []
+    cases = {"x": {"A": lambda: calls.append("xA"), "B": lambda: calls.append("xB")},
+             "y": {"P": lambda: calls.append("yP"), "Q": lambda: calls.append("yQ")}}
+    times = speed.time_alternately(cases, 3)
+    assert calls == ["xA", "xB", "yP", "yQ", "xB", "xA", "yQ", "yP", "xA", "xB", "yP", "yQ"]
+    assert {c: {k: len(v) for k, v in t.items()} for c, t in times.items()} == {"x": {"A": 3, "B": 3},
+                                                                              "y": {"P": 3, "Q": 3}}
+    assert speed.ratio_summary([2.0, 3.0, 8.0], [1.0, 2.0, 2.0]) == {"median": 2.0, "min": 1.5, "max": 4.0}
+
+
 def test_benchmark_ab_alternates_and_refuses_changed_maths():
     """tools/benchmark_ab.py: two models of one config, timed in ABBA order; a speed-only option
     passes the agreement check, an option that changes the results is refused."""

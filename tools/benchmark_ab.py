@@ -107,14 +107,10 @@ def run(args) -> dict:
                 f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
             raise SystemExit(f"A and B disagree on the first call ({diff}): --a-opts {args.a_opts} / "
                              f"--b-opts {args.b_opts} change the results, not only the speed")
-    times = {"A": [], "B": []}
-    for i in range(args.rounds):
-        for name in ("AB" if i % 2 == 0 else "BA"):
-            times[name].append(speed.time_once(calls[name])[0])
-    ratios = [b / a for a, b in zip(times["A"], times["B"])]
+    times = speed.time_alternately({args.case: calls}, args.rounds)[args.case]
     return {"case": args.case, "rounds": args.rounds, "a_opts": args.a_opts, "b_opts": args.b_opts,
             "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "ratio_b_over_a": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "ratio_b_over_a": speed.ratio_summary(times["B"], times["A"]),
             "times_s": times}
 
 

@@ -285,18 +285,8 @@ def alternate(ours: Dict[str, Callable], official: Dict[str, Callable], cases: L
     for c in cases:
         official[c]()
         ours[c]()
-    times = {c: {"ours": [], "official": []} for c in cases}
-    for r in range(rounds):
-        for c in cases:
-            order = [("official", official[c]), ("ours", ours[c])]
-            for name, fn in (order if r % 2 == 0 else order[::-1]):
-                times[c][name].append(speed.time_once(fn)[0])
-    out = {}
-    for c in cases:
-        ratios = [a / b for a, b in zip(times[c]["ours"], times[c]["official"])]
-        out[c] = {"seconds": times[c], "ratio": {"median": statistics.median(ratios), "min": min(ratios),
-                                                 "max": max(ratios)}}
-    return out
+    times = speed.time_alternately({c: {"official": official[c], "ours": ours[c]} for c in cases}, rounds)
+    return {c: {"seconds": t, "ratio": speed.ratio_summary(t["ours"], t["official"])} for c, t in times.items()}
 
 
 def main(argv=None) -> Dict:
@@ -319,7 +309,8 @@ def main(argv=None) -> Dict:
         print(f"  {c}: ours median {statistics.median(s['ours']):.3f} s, official median "
               f"{statistics.median(s['official']):.3f} s; ours / official: median {r['ratio']['median']:.3f} "
               f"(rounds {r['ratio']['min']:.3f}-{r['ratio']['max']:.3f})")
-    return {"family": args.family, "official_fast_dropout": args.official_fast_dropout, "rounds": args.rounds, "threads": args.threads, "image_hw": list(hw), **res}
+    return {"family": args.family, "official_fast_dropout": args.official_fast_dropout, "rounds": args.rounds,
+            "threads": args.threads, "image_hw": list(hw), **res}
 
 
 if __name__ == "__main__":

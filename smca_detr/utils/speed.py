@@ -46,6 +46,8 @@ __all__ = [
     "Timing",
     "time_once",
     "time_fn",
+    "time_alternately",
+    "ratio_summary",
     "proc_status_kib",
     "cpu_peak_bytes",
     "FrozenBatchNorm2d",
@@ -206,6 +208,27 @@ def time_fn(fn: Callable, iters: int = 5, warmup: int = 1, stat: Union[str, Call
     return Timing(reduce(walls), reduce(cpus), walls, cpus)
 
 
+def time_alternately(cases: Mapping[str, Mapping[str, Callable]], rounds: int,
+                     device: Device = "cpu") -> Dict[str, Dict[str, List[float]]]:
+    """Wall seconds of ``rounds`` rounds of alternating calls: in every round each case (name ->
+    ``{variant: call}``) runs its variants once each, in the given order in even rounds and reversed
+    in odd ones (ABBA), so that a host whose speed drifts affects every variant alike. Returns
+    ``{case: {variant: [seconds per round]}}``. No warm-up: call each variant once before."""
+    times = {case: {name: [] for name in calls} for case, calls in cases.items()}
+    for r in range(rounds):
+        for case, calls in cases.items():
+            order = list(calls.items())
+            for name, fn in (order if r % 2 == 0 else order[::-1]):
+                times[case][name].append(time_once(fn, device)[0])
+    return times
+
+
+def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) -> Dict[str, float]:
+    """Median, min and max of the per-round ratios ``numerators[i] / denominators[i]``."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def proc_status_kib(field: str) -> int:
     """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in KiB (Linux)."""
     with open("/proc/self/status") as f:
@@ -343,8 +366,8 @@ def model_cases(cfg, model: nn.Module, train_model: nn.Module, hw: Tuple[int, in
     """The two timed cases of the issues through detectron2's model API: ``"inference"`` of ``model``
     (eval mode, no grad, one ``H x W`` image) and ``"train_step"`` of ``train_model`` (train mode, a
     batch of two with ``num_boxes`` boxes each, of the config's classes, forward + losses + backward +
-    the trainer's AdamW with clipping). Two instances, so that the training updates do not invalidate the inference model's
-    cached folded weights between calls."""
+    the trainer's AdamW with clipping). Two instances, so that the training updates do not invalidate
+    the inference model's cached folded weights between calls."""
     image = synthetic_inputs(1, *hw, device)
     batch = synthetic_inputs(2, *hw, device, with_instances=True, num_boxes=num_boxes,
                              num_classes=cfg.MODEL.SMCA_DETR.NUM_CLASSES)
