@@ -15,7 +15,7 @@ makes two separate runs useless for telling a 5% change apart; this tool is how 
 
 Cases (the shapes of the issues' speed targets):
 * ``train``: one training step at batch 2 (forward + loss + backward + clipping + AdamW,
-  ``smca_detr.utils.speed.train_step``); both models train, on the same synthetic batch;
+  ``bench_common.train_step``); both models train, on the same synthetic batch;
 * ``inference``: ``model([{"image", "height", "width"}])`` at batch 1, eval mode;
 * ``backbone``: the backbone's forward + backward at batch 2 (training mode, a fixed random output
   gradient), the part that the CPU backbone options change.
@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smca_detr.utils import speed  # noqa: E402
+import bench_common as bench  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,10 +60,10 @@ def parse_args(argv=None):
 
 def _case(args, opts):
     """(a call to time, a call returning the tensors of the agreement check) of one model."""
-    cfg, model = speed.build_model(args.config_file, opts)
+    cfg, model = bench.build_model(args.config_file, opts)
     if args.case == "inference":
         model.eval()
-        inputs = speed.synthetic_inputs(1, args.height, args.width)
+        inputs = bench.synthetic_inputs(1, args.height, args.width)
 
         def infer():
             with torch.inference_mode():
@@ -74,11 +74,11 @@ def _case(args, opts):
                 images = model.preprocess_image(inputs)
                 return model.backbone(images.tensor, images.image_sizes)[0]
         return infer, check
-    batch = speed.synthetic_inputs(2, args.height, args.width, with_instances=True, num_boxes=6,
+    batch = bench.synthetic_inputs(2, args.height, args.width, with_instances=True, num_boxes=6,
                                   num_classes=cfg.MODEL.SMCA_DETR.NUM_CLASSES)
     if args.case == "train":
-        opt = speed.build_adamw(cfg, model)
-        return (lambda: speed.train_step(model, batch, opt)), (lambda: [speed.train_step(model, batch, opt)])
+        opt = bench.build_adamw(cfg, model)
+        return (lambda: bench.train_step(model, batch, opt)), (lambda: [bench.train_step(model, batch, opt)])
     images = model.preprocess_image(batch)
     grads = []
 
@@ -107,10 +107,10 @@ def run(args) -> dict:
                 f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
             raise SystemExit(f"A and B disagree on the first call ({diff}): --a-opts {args.a_opts} / "
                              f"--b-opts {args.b_opts} change the results, not only the speed")
-    times = speed.time_alternately({args.case: calls}, args.rounds)[args.case]
+    times = bench.time_alternately({args.case: calls}, args.rounds)[args.case]
     return {"case": args.case, "rounds": args.rounds, "a_opts": args.a_opts, "b_opts": args.b_opts,
             "median_s": {k: statistics.median(v) for k, v in times.items()},
-            "ratio_b_over_a": speed.ratio_summary(times["B"], times["A"]),
+            "ratio_b_over_a": bench.ratio_summary(times["B"], times["A"]),
             "times_s": times}
 
 

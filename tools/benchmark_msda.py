@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smca_detr.layers.msda import ms_deform_attn, ms_deform_attn_pytorch, triton_available  # noqa: E402
-from smca_detr.utils import speed  # noqa: E402
+import bench_common as bench  # noqa: E402
 
 SIZES = {
     # (level shapes, decoder queries)
@@ -60,21 +60,21 @@ def make_inputs(shapes, batch, queries, heads, channels, points, dtype, device, 
 
 def measure(fn, device, repeats, warmup, bar):
     """Median milliseconds of ``repeats`` calls after ``warmup`` (device synchronised)."""
-    t = speed.time_fn(fn, iters=repeats, warmup=warmup, stat="median", device=device,
+    t = bench.time_fn(fn, iters=repeats, warmup=warmup, stat="median", device=device,
                       after_each=lambda: bar.update(1))
     return t.seconds * 1e3
 
 
 def peak_memory(fn, device):
     if device.type == "cuda":
-        speed.synchronize(device)
+        bench.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        speed.synchronize(device)
+        bench.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     try:
-        return speed.cpu_peak_bytes(fn)
+        return bench.cpu_peak_bytes(fn)
     except OSError:  # not Linux
         return float("nan")
 

@@ -18,7 +18,7 @@ ours / official with their range, per case:
 * ``train``: one training step at batch 2 with ``--boxes`` random boxes per image. Official: the
   step of its ``engine.train_one_epoch`` (model, criterion, weighted loss sum, ``zero_grad``,
   backward, ``clip_grad_norm_`` 0.1, AdamW with the backbone group at lr 1e-5, as its ``main.py``
-  builds it); ours: ``smca_detr.utils.speed.train_step`` (the trainer's optimizer, clipping
+  builds it); ours: ``bench_common.train_step`` (the trainer's optimizer, clipping
   included).
 
 Official model arguments are its ``main.py`` defaults, with the recipe of our config: SMCA
@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from smca_detr.utils import speed  # noqa: E402
+import bench_common as bench  # noqa: E402
 
 # The official main.py defaults (models/*.py read these), per family; the recipe keys match our
 # configs/smca_r50.yaml and configs/conditional_detr_r50.yaml.
@@ -200,8 +200,8 @@ def official_cases(root: str, family: str, hw, num_boxes: int, with_fast_dropout
     model, criterion, post, args = build_official(root, family)
     sys.path.insert(0, str(Path(root).resolve()))
     try:
-        samples1, targets1 = official_inputs(speed.synthetic_inputs(1, *hw))
-        samples2, targets2 = official_inputs(speed.synthetic_inputs(2, *hw, with_instances=True, num_boxes=num_boxes))
+        samples1, targets1 = official_inputs(bench.synthetic_inputs(1, *hw))
+        samples2, targets2 = official_inputs(bench.synthetic_inputs(2, *hw, with_instances=True, num_boxes=num_boxes))
     finally:
         sys.path.remove(str(Path(root).resolve()))
     groups = [
@@ -285,8 +285,8 @@ def alternate(ours: Dict[str, Callable], official: Dict[str, Callable], cases: L
     for c in cases:
         official[c]()
         ours[c]()
-    times = speed.time_alternately({c: {"official": official[c], "ours": ours[c]} for c in cases}, rounds)
-    return {c: {"seconds": t, "ratio": speed.ratio_summary(t["ours"], t["official"])} for c, t in times.items()}
+    times = bench.time_alternately({c: {"official": official[c], "ours": ours[c]} for c in cases}, rounds)
+    return {c: {"seconds": t, "ratio": bench.ratio_summary(t["ours"], t["official"])} for c, t in times.items()}
 
 
 def main(argv=None) -> Dict:
@@ -296,9 +296,9 @@ def main(argv=None) -> Dict:
     spec = FAMILIES[args.family]
     official = official_cases(args.official_root, args.family, hw, args.boxes, args.official_fast_dropout)
     config = args.config_file or str(REPO / spec["config"])
-    cfg, model = speed.build_model(config)
-    _, train_model = speed.build_model(config)
-    mine = speed.model_cases(cfg, model, train_model, hw, num_boxes=args.boxes)
+    cfg, model = bench.build_model(config)
+    _, train_model = bench.build_model(config)
+    mine = bench.model_cases(cfg, model, train_model, hw, num_boxes=args.boxes)
     ours = {"inference": mine["inference"], "train": mine["train_step"]}
     res = alternate(ours, official, list(args.case), args.rounds)
     print(f"{args.family}: ours ({Path(config).name}) vs the official code at {args.official_root}"

@@ -37,8 +37,6 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from smca_detr.utils.speed import synchronize
-
 __all__ = ["benchmark_report", "write_benchmark_report", "eval_only_report", "format_report", "count_flops",
            "sdpa_flop_jit", "count_parameters", "PeakMemory",
            "REPORT_FILENAME", "REPORT_FIELDS"]
@@ -50,6 +48,12 @@ REPORT_FIELDS = ("meta_architecture", "transformer", "dataset", "device", "devic
                  "batch_size", "num_warmup", "num_images_timed", "ms_per_image", "ms_per_image_median",
                  "images_per_s", "peak_memory_mb", "memory_method", "params", "params_m", "gflops",
                  "gflops_by_operator", "flops_input_hw", "uncounted_ops")
+
+
+def synchronize(device) -> None:
+    """Wait for the queued CUDA work of ``device`` (no-op on CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def count_parameters(model: nn.Module) -> int:

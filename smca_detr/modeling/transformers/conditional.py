@@ -50,7 +50,7 @@ class HeadAttention(nn.Module):
     ``"sdpa"`` uses ``F.scaled_dot_product_attention``; ``"auto"`` (default) takes SDPA on GPUs (fused
     kernels) and the explicit softmax on CPU, where it measured faster at Conditional DETR's sizes
     (q/k twice as wide as v: PyTorch's fused CPU kernel needs v zero-padded; 300 queries x 500 keys,
-    2 threads: forward 4.1 vs 4.4 ms, forward+backward 12.2 vs 14.2 ms, ``tools/benchmark_conditional.py``).
+    2 threads: forward 4.1 vs 4.4 ms, forward+backward 12.2 vs 14.2 ms, former ``tools/benchmark_conditional.py``).
     """
 
     def __init__(self, value_dim: int, dropout: float = 0.0):
