@@ -7,10 +7,10 @@ Fixtures may be in the original format or in this repo's compact format (see
 only the entries the tests compare); ``load_fixture`` returns the same dict for both.
 
 The configs of our models are built from a fixture's ``config`` through the key tables below
-(``SMCA_KEYS``, ``DETR_KEYS``); the backbone is either a parameter-free stub declaring the fixture's
-levels (``use_stub_backbone``, SMCA) or a tiny detectron2 ResNet with the fixture's channels and
-strides (``use_tiny_resnet``, Conditional / Deformable DETR). The parity runs bypass it
-(``forward_from_features``) either way.
+(``SMCA_KEYS``, ``DETR_KEYS``); the backbone is a parameter-free stub declaring the fixture's
+levels (``use_stub_backbone`` for SMCA; ``use_level_backbone`` for Conditional / Deformable DETR,
+levels from the fixture's strides and channels taken as given). The parity runs bypass it
+(``forward_from_features``).
 """
 import functools
 import importlib
@@ -133,7 +133,7 @@ def set_from_fixture(node, config, keys, defaults=None):
 def cfg_from_fixture(config, transformer, keys, defaults=None):
     """Our CPU config of a ``transformer`` with focal loss, ``MODEL.SMCA_DETR`` filled from the
     fixture ``config`` through ``keys``; the backbone is left to ``use_stub_backbone`` /
-    ``use_tiny_resnet``."""
+    ``use_level_backbone``."""
     cfg = add_smca_detr_config(get_cfg())
     m = cfg.MODEL.SMCA_DETR
     m.TRANSFORMER = transformer
@@ -145,7 +145,7 @@ def cfg_from_fixture(config, transformer, keys, defaults=None):
 
 _STUB = "ParityStubBackbone"
 
-if _STUB not in BACKBONE_REGISTRY._obj_map:
+if _STUB not in BACKBONE_REGISTRY:
     @BACKBONE_REGISTRY.register()
     class ParityStubBackbone(Backbone):
         """Parity runs bypass the backbone (``forward_from_features``); this parameter-free stub only
@@ -183,23 +183,12 @@ def use_stub_backbone(cfg, names, channels, strides):
 _STAGE_OF_STRIDE = {4: "res2", 8: "res3", 16: "res4", 32: "res5"}
 
 
-def use_tiny_resnet(cfg, strides, channels):
-    """A tiny detectron2 bottleneck ResNet-50 whose output levels have the fixture's ``strides`` and
-    ``channels`` (res_k has RES2_OUT_CHANNELS * stride / 4 channels), all of them fed to the
-    transformer; no weights file."""
-    assert (channels[0] * 4) % strides[0] == 0, (channels, strides)
-    r = cfg.MODEL.RESNETS
-    r.DEPTH = 50
-    r.RES2_OUT_CHANNELS = channels[0] * 4 // strides[0]
-    for s, ch in zip(strides, channels):
-        assert r.RES2_OUT_CHANNELS * s // 4 == ch, (strides, channels)
-    r.STEM_OUT_CHANNELS = 8
-    r.WIDTH_PER_GROUP = 2
-    r.NORM = "FrozenBN"
-    r.OUT_FEATURES = [_STAGE_OF_STRIDE[s] for s in strides]
-    cfg.MODEL.SMCA_DETR.IN_FEATURES = list(r.OUT_FEATURES)
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+def use_level_backbone(cfg, strides, channels):
+    """The stub backbone with one level per fixture stride, with the fixture's ``channels`` taken as
+    given (no ResNet channel progression assumed), named ``res2``..``res5`` where the stride is a
+    ResNet stage's and ``p<stride>`` otherwise, all of them fed to the transformer."""
+    names = [_STAGE_OF_STRIDE.get(s, f"p{s}") for s in strides]
+    return use_stub_backbone(cfg, names, channels, strides)
 
 
 # ------------------------------------------------------------------ loading converted weights

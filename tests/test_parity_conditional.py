@@ -12,7 +12,7 @@ import torch
 from detectron2.modeling import build_model
 
 from parity_common import (DETR_KEYS, assert_close, assert_indices_equal, assert_topk_close, build_loaded_model,
-                           cfg_from_fixture, fixture_params, load_fixture, stack_results, use_tiny_resnet)
+                           cfg_from_fixture, fixture_params, load_fixture, stack_results, use_level_backbone)
 from smca_detr.checkpoint.conditional import convert_official_conditional_detr
 from smca_detr.modeling.backbone import resize_mask
 from smca_detr.modeling.position_encoding import sine_embed
@@ -22,12 +22,11 @@ FIXTURES = fixture_params("conditional_detr_*.pt")
 
 
 def build_cfg_from_fixture(config):
-    """Our config for a fixture ``config``: sizes, losses and matcher costs from the fixture; a tiny
-    detectron2 ResNet whose single output level has the fixture's channels and stride (the parity
-    tests bypass it, but the model is a complete detector)."""
+    """Our config for a fixture ``config``: sizes, losses and matcher costs from the fixture; the stub
+    backbone with the fixture's single level (channels and stride; the parity tests bypass it)."""
     cfg = cfg_from_fixture(config, "ConditionalTransformer", {**DETR_KEYS, "PRE_NORM": "normalize_before"})
     cfg.MODEL.SMCA_DETR.TEST_TOPK = 100
-    return use_tiny_resnet(cfg, [config["backbone_stride"]], [config["backbone_channels"]])
+    return use_level_backbone(cfg, [config["backbone_stride"]], [config["backbone_channels"]])
 
 
 @pytest.fixture(scope="module", params=FIXTURES)

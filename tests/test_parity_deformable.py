@@ -14,7 +14,7 @@ import torch
 from detectron2.modeling import build_model
 
 from parity_common import (DETR_KEYS, assert_close, assert_indices_equal, assert_topk_close, build_loaded_model,
-                           cfg_from_fixture, fixture_params, stack_results, use_tiny_resnet)
+                           cfg_from_fixture, fixture_params, stack_results, use_level_backbone)
 from smca_detr.checkpoint.deformable import convert_official_deformable_detr, rename_official_deformable_key
 from smca_detr.modeling.backbone import resize_mask
 
@@ -29,12 +29,12 @@ DEFORMABLE_KEYS = {
 
 def build_cfg_from_fixture(config):
     """Our config for a fixture ``config``: sizes, variant switches, losses and matcher costs from
-    the fixture; a tiny detectron2 ResNet whose output levels have the fixture's channels and
-    strides (the parity tests bypass it, but the model is a complete detector)."""
+    the fixture; a stub backbone whose output levels have the fixture's channels and strides
+    (the parity tests bypass the backbone)."""
     cfg = cfg_from_fixture(config, "DeformableTransformer", {**DETR_KEYS, **DEFORMABLE_KEYS})
     cfg.MODEL.SMCA_DETR.TEST_TOPK = 100
     cfg.MODEL.SMCA_DETR.DEFORMABLE.MSDA_IMPL = "pytorch"
-    return use_tiny_resnet(cfg, list(config["backbone_strides"]), list(config["backbone_channels"]))
+    return use_level_backbone(cfg, list(config["backbone_strides"]), list(config["backbone_channels"]))
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -207,3 +207,17 @@ def test_parity_deformable_init_deterministic(case):
                 assert_close(sd[ours], ref, key)
             checked += 1
         assert checked == len(fx["init_deterministic"]) > 0
+
+
+
+@pytest.mark.parametrize("path", FIXTURES[:1])
+def test_parity_model_builds_for_any_level_channels(path):
+    """A fixture of the documented format whose backbone channels do not follow a ResNet's
+    progression (not doubling from level to level) still gives a model: levels taken as given."""
+    from parity_common import load_fixture
+
+    config = dict(load_fixture(path)["config"])
+    levels = len(config["backbone_strides"])
+    config["backbone_channels"] = [24 + 8 * (i % 2) for i in range(levels)]  # 24, 32, 24, ...
+    model = build_model(build_cfg_from_fixture(config))
+    assert [proj[0].in_channels for proj in model.transformer.input_proj[:levels]] == config["backbone_channels"]

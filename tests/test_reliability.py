@@ -446,7 +446,7 @@ def _autocast_on():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_train_step_for_every_model_family(family):
     name = family.split("/")[0]
-    if name not in TRANSFORMER_REGISTRY._obj_map:
+    if name not in TRANSFORMER_REGISTRY:
         pytest.skip(f"{name} is not registered (yet)")
     cfg = make_cfg(["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"], family=family)
     model = build(cfg)
@@ -757,7 +757,7 @@ def test_test_batch_size_does_not_change_detections(family):
     """The whole model, images of different sizes whose padded canvas is the one they get alone
     (sides up to one multiple of the largest stride): different padding masks inside the batch (seen
     by Deformable's finer levels), per-image top-k and rescaling must not leak between images."""
-    if family not in TRANSFORMER_REGISTRY._obj_map:
+    if family not in TRANSFORMER_REGISTRY:
         pytest.skip(f"{family} is not registered (yet)")
     alone, together = _one_vs_batched(family, [(64, 64), (50, 40), (33, 60), (40, 64)])
     _assert_same_detections(alone, together, atol=1e-4)
@@ -816,7 +816,7 @@ def test_transformer_ignores_padded_positions(family):
     image alone on its own canvas: the transformer + heads outputs must agree (masks, position
     encodings, per-image sizes)."""
     name = family.split("/")[0]
-    if name not in TRANSFORMER_REGISTRY._obj_map:
+    if name not in TRANSFORMER_REGISTRY:
         pytest.skip(f"{name} is not registered (yet)")
     model = build(make_cfg(family=family)).eval()
     (features, masks, sizes), alone = _padded_features(model, [(64, 64), (96, 80), (40, 120), (70, 33)], 10.0)

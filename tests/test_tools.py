@@ -168,7 +168,7 @@ def _fake_official(kind, tmp_path, num_classes=None):
         pytest.skip(f"no parity fixture {pattern}")
     fx = load_fixture(files[0])
     cfg = _cfg_from_fixture(kind, fx["config"], num_classes if num_classes is not None else rows)
-    if cfg.MODEL.SMCA_DETR.TRANSFORMER not in TRANSFORMER_REGISTRY._obj_map:
+    if cfg.MODEL.SMCA_DETR.TRANSFORMER not in TRANSFORMER_REGISTRY:
         pytest.skip(f"{cfg.MODEL.SMCA_DETR.TRANSFORMER} is not registered yet")
     torch.manual_seed(0)
     template = build_model(cfg)
@@ -456,7 +456,7 @@ def test_draw_instances_with_detectron2_visualizer(monkeypatch):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_attention_picture(family, tmp_path):
     config, transformer = FAMILIES[family]
-    if transformer not in TRANSFORMER_REGISTRY._obj_map:
+    if transformer not in TRANSFORMER_REGISTRY:
         pytest.skip(f"{transformer} is not registered yet")
     model = model_zoo.build_model_from_config(config, opts=TINY)
     predictor = model_zoo.Predictor(model.cfg, model)

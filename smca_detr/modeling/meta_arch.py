@@ -23,10 +23,10 @@ __all__ = ["SmcaDetrDetector", "build_transformer"]
 
 def build_transformer(cfg, input_shapes):
     name = cfg.MODEL.SMCA_DETR.TRANSFORMER
-    if name not in TRANSFORMER_REGISTRY._obj_map:
+    if name not in TRANSFORMER_REGISTRY:
         raise KeyError(
             f"MODEL.SMCA_DETR.TRANSFORMER={name!r} is not registered; available: "
-            f"{sorted(TRANSFORMER_REGISTRY._obj_map)}")
+            f"{sorted(n for n, _ in TRANSFORMER_REGISTRY)}")
     return TRANSFORMER_REGISTRY.get(name)(cfg, input_shapes)
 
 
