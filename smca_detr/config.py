@@ -44,35 +44,13 @@ def add_smca_detr_config(cfg):
     _C.NUM_CLASSES = 80
     # Backbone levels fed to the transformer, finest first (e.g. ["res5"], ["res3","res4","res5"]).
     _C.IN_FEATURES = ["res5"]
-    # CPU inference only: run a detectron2 ResNet backbone with its (frozen / eval) norms folded into
-    # the convolutions, channels-last, through oneDNN's fused conv+ReLU and conv+add+ReLU operators
-    # (~25-30% faster on CPU, same maths up to float32 rounding). Applies only when exact: eval mode,
-    # no grad, float32, no autocast, stock BasicStem/BottleneckBlock/BasicBlock; otherwise detectron2's
-    # own forward runs. False = always detectron2's forward.
+    # CPU execution strategy for a detectron2 ResNet backbone (modeling/fused_resnet.py), not a model
+    # change: norms folded into the convolutions, oneDNN fused conv+ReLU / conv+add+ReLU, Winograd
+    # 3x3 and GEMM 1x1 convolutions where they measured faster (thresholds: constants in
+    # fused_resnet.py). Same maths up to float32 rounding; applies only where exact (float32, no
+    # autocast, stock detectron2 blocks, frozen or eval norms), otherwise detectron2's own forward
+    # runs. False = always detectron2's forward.
     _C.FUSED_CPU_BACKBONE = True
-    # Within that fused path: 3x3 stride-1 convolutions with at least this many input channels run
-    # as Winograd GEMMs (float32 rounding-level differences, layers/winograd.py), the rest through
-    # oneDNN. 128 = R50 res3-res5 (where it measured faster on a 2-core AVX2 CPU); 0 = never.
-    _C.WINOGRAD_MIN_CHANNELS = 128
-    # Those Winograd convolutions (inference and training) use F(4x4, 3x3) (36 GEMMs per 16 output
-    # pixels: 4x fewer multiply-adds than direct, ~4x the float32 rounding of direct) on feature maps
-    # of at least this many pixels (H x W per image), F(2x2, 3x3) (2.25x fewer) on smaller ones.
-    # 1024 = R50 res3-res4 at 640x800 input (res5, 20x25, keeps F(2x2): its 35 tiles per image are too
-    # few for the larger tile's GEMMs); 0 = never F(4x4).
-    _C.WINOGRAD_F4_MIN_PIXELS = 1024
-    # CPU training (with FUSED_CPU_BACKBONE): the frozen leading stages (FREEZE_AT) run fused without
-    # autograd, and the 3x3 convolutions of trainable bottleneck blocks with at least this many input
-    # channels run as differentiable Winograd convolutions (backward in the Winograd domain too).
-    # 128 = R50 res3-res5: fwd+bwd at batch 2 measured 83 vs 173 ms (oneDNN) at res3 with
-    # F(4x4, 3x3), 47 vs 124 ms at res4, 72 vs 148 ms at res5 with F(2x2, 3x3); 0 = never.
-    _C.TRAIN_WINOGRAD_MIN_CHANNELS = 128
-    # CPU training (with FUSED_CPU_BACKBONE): 1x1 convolutions of trainable blocks whose input map has
-    # at least this many pixels (H x W per image) run as per-image GEMMs (layers/conv1x1.py) instead of
-    # oneDNN, which reorders NCHW to its blocked layout around every call and computes the weight
-    # gradient slowly on large maps (fwd+bwd at batch 2, 512->128 @ 80x100: 62 vs 101 ms; on 40x50
-    # maps both are equal, on 20x25 oneDNN wins). 4096 = R50 res3 (and the convs reading res2) at
-    # 640x800 input; 0 = never.
-    _C.TRAIN_GEMM_1X1_MIN_PIXELS = 4096
     # Transformer width d (d_model). Official: 256.
     _C.HIDDEN_DIM = 256
     # Attention heads M (nheads). Official: 8. Must divide HIDDEN_DIM.

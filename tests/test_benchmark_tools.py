@@ -108,8 +108,7 @@ def test_benchmark_ab_alternates_and_refuses_changed_maths():
               "--threads", "1"]
     for case in ("train", "backbone", "inference"):
         res = tool.main(common + ["--case", case, "--rounds", "3",
-                                  "--b-opts", "MODEL.SMCA_DETR.TRAIN_GEMM_1X1_MIN_PIXELS", "1",
-                                  "MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS", "0"])
+                                  "--b-opts", "MODEL.SMCA_DETR.FUSED_CPU_BACKBONE", "False"])
         assert res["case"] == case and [len(res["times_s"][k]) for k in "AB"] == [3, 3]
         ratios = [b / a for a, b in zip(res["times_s"]["A"], res["times_s"]["B"])]
         assert res["ratio_b_over_a"]["median"] == sorted(ratios)[1]

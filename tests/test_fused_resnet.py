@@ -1,4 +1,5 @@
 """The fused CPU inference path of detectron2 ResNets (smca_detr/modeling/fused_resnet.py)."""
+import inspect
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -106,30 +107,30 @@ def test_fused_resnet_only_where_exact():
 
 
 def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
+    """MODEL.SMCA_DETR.FUSED_CPU_BACKBONE is the one switch: on, eval-mode CPU inference takes the
+    fused path with its default (measured) thresholds; off, detectron2's own forward runs."""
     from smca_detr.modeling import backbone as backbone_mod
+    from smca_detr.modeling import fused_resnet as fused_mod
     from smca_detr.modeling.backbone import DetrBackbone
 
     cfg = _cfg(18, "FrozenBN", ["res4"], 8, name="build_slim_resnet_backbone")
     calls = []
     real = backbone_mod.fused_resnet_forward
     monkeypatch.setattr(backbone_mod, "fused_resnet_forward",
-                        lambda b, x, w, **k: calls.append((w, k["winograd_f4_min_pixels"])) or real(b, x, w, **k))
+                        lambda b, x, *a, **k: calls.append((a, k)) or real(b, x, *a, **k))
     for flag, expected in ((True, 1), (False, 0)):
         calls.clear()
         cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE = flag
-        cfg.MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS = 16
-        cfg.MODEL.SMCA_DETR.WINOGRAD_F4_MIN_PIXELS = 77
         bb = DetrBackbone(cfg, ["res4"]).eval()
         with torch.no_grad():
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
-        assert calls == [(16, 77)] * expected  # the configured Winograd thresholds reach the fused path
-    for key in ("WINOGRAD_MIN_CHANNELS", "TRAIN_WINOGRAD_MIN_CHANNELS", "WINOGRAD_F4_MIN_PIXELS",
-                "TRAIN_GEMM_1X1_MIN_PIXELS"):
-        bad = cfg.clone()
-        bad.MODEL.SMCA_DETR[key] = -1
-        with pytest.raises(ValueError, match=key):
-            DetrBackbone(bad, ["res4"])
+    defaults = inspect.signature(fused_mod.fused_resnet_forward).parameters
+    assert defaults["winograd_min_channels"].default == fused_mod.WINOGRAD_MIN_CHANNELS == 128
+    assert defaults["winograd_f4_min_pixels"].default == fused_mod.WINOGRAD_F4_MIN_PIXELS == 1024
+    train = inspect.signature(fused_mod.fused_training_forward).parameters
+    assert train["train_winograd_min_channels"].default == fused_mod.TRAIN_WINOGRAD_MIN_CHANNELS == 128
+    assert train["train_gemm_min_pixels"].default == fused_mod.TRAIN_GEMM_1X1_MIN_PIXELS == 4096
 
 
 def test_fused_resnet_not_used_while_tracing():

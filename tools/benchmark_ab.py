@@ -2,7 +2,7 @@
 """A/B speed of one config change: two models, timed alternately in one process.
 
     python tools/benchmark_ab.py --config-file configs/smca_r50.yaml \\
-        --b-opts MODEL.SMCA_DETR.TRAIN_GEMM_1X1_MIN_PIXELS 0 [--a-opts KEY VALUE ...] \\
+        --b-opts MODEL.SMCA_DETR.FUSED_CPU_BACKBONE False [--a-opts KEY VALUE ...] \\
         [--case train|inference|backbone] [--rounds 16] [--height 640 --width 800] [--threads 2]
 
 Model A is the config with ``--a-opts``, model B the config with ``--b-opts``. Both are built with

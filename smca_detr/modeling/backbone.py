@@ -41,18 +41,8 @@ class DetrBackbone(nn.Module):
     def __init__(self, cfg, in_features: List[str]):
         super().__init__()
         self.body = build_backbone(cfg)
-        # fused CPU inference path (fused_resnet.py); checked per call, falls back when not exact
-        self.fused_cpu = bool(cfg.MODEL.SMCA_DETR.get("FUSED_CPU_BACKBONE", True))
-        self.winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("WINOGRAD_MIN_CHANNELS", 128))
-        self.train_winograd_min_channels = int(cfg.MODEL.SMCA_DETR.get("TRAIN_WINOGRAD_MIN_CHANNELS", 128))
-        self.winograd_f4_min_pixels = int(cfg.MODEL.SMCA_DETR.get("WINOGRAD_F4_MIN_PIXELS", 1024))
-        self.train_gemm_min_pixels = int(cfg.MODEL.SMCA_DETR.get("TRAIN_GEMM_1X1_MIN_PIXELS", 4096))
-        for key, value in (("WINOGRAD_MIN_CHANNELS", self.winograd_min_channels),
-                           ("TRAIN_WINOGRAD_MIN_CHANNELS", self.train_winograd_min_channels),
-                           ("WINOGRAD_F4_MIN_PIXELS", self.winograd_f4_min_pixels),
-                           ("TRAIN_GEMM_1X1_MIN_PIXELS", self.train_gemm_min_pixels)):
-            if value < 0:
-                raise ValueError(f"MODEL.SMCA_DETR.{key} must be >= 0 (0 = never), got {value}")
+        # CPU execution strategy (fused_resnet.py); checked per call, falls back when not exact
+        self.fused_cpu = bool(cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE)
         shapes = self.body.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if missing:
@@ -72,12 +62,9 @@ class DetrBackbone(nn.Module):
         feats = None
         if self.fused_cpu:
             if fused_resnet_supported(self.body, images)[0]:
-                feats = fused_resnet_forward(self.body, images, self.winograd_min_channels,
-                                             winograd_f4_min_pixels=self.winograd_f4_min_pixels)
+                feats = fused_resnet_forward(self.body, images)
             else:  # training: fused frozen stages, Winograd 3x3 convolutions in the trainable ones
-                feats = fused_training_forward(self.body, images, self.winograd_min_channels,
-                                               self.train_winograd_min_channels, self.winograd_f4_min_pixels,
-                                               self.train_gemm_min_pixels)
+                feats = fused_training_forward(self.body, images)
         if feats is None:
             feats = self.body(images)
         mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)

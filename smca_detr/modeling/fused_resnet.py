@@ -17,9 +17,9 @@ otherwise and the caller falls back to the modules' own forward:
     ``BasicBlock``; deformable blocks or other stems are not fused), every norm foldable
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
   * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
-3x3 stride-1 convolutions with enough input channels (``MODEL.SMCA_DETR.WINOGRAD_MIN_CHANNELS``) run
+3x3 stride-1 convolutions with enough input channels (:data:`WINOGRAD_MIN_CHANNELS`) run
 as Winograd GEMMs (:mod:`smca_detr.layers.winograd`) instead of oneDNN's direct kernel: F(4x4, 3x3) on
-maps of at least ``MODEL.SMCA_DETR.WINOGRAD_F4_MIN_PIXELS`` pixels, F(2x2, 3x3) on smaller ones.
+maps of at least :data:`WINOGRAD_F4_MIN_PIXELS` pixels, F(2x2, 3x3) on smaller ones.
 In training (:func:`fused_training_forward`), the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``:
 the stem and res2 in the DETR recipes) take the same fused path without autograd
 (:func:`fused_frozen_prefix`): nothing upstream of them needs a gradient, so this is exact, and it
@@ -28,13 +28,15 @@ In the trainable blocks every convolution whose norm is frozen (or eval-mode) ru
 into it through autograd (:func:`_train_conv`: the conv weights and any trainable norm affine get
 their exact gradients, and the separate scale-and-shift pass and its backward disappear: with the
 one-GEMM Winograd filter transform, 8% less R50 backbone training time); their 3x3 convolutions with at least
-``MODEL.SMCA_DETR.TRAIN_WINOGRAD_MIN_CHANNELS`` input channels use the differentiable Winograd
-convolution, and their 1x1 convolutions on maps of at least ``MODEL.SMCA_DETR.TRAIN_GEMM_1X1_MIN_PIXELS``
+:data:`TRAIN_WINOGRAD_MIN_CHANNELS` input channels use the differentiable Winograd
+convolution, and their 1x1 convolutions on maps of at least :data:`TRAIN_GEMM_1X1_MIN_PIXELS`
 pixels run as per-image GEMMs (:mod:`smca_detr.layers.conv1x1`) that read the frozen prefix's
 channels-last output as is and hand Winograd channels-last rows. Blocks with a training-mode
 BatchNorm, the stem and other block types run their own forward.
 Folded weights are cached per convolution and recomputed when any source tensor changes (new
 checkpoint, ``load_state_dict``, in-place edits), keyed on storage pointers and version counters.
+The whole path is switched by ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE``; its thresholds are the constants
+below, set where they measured faster on a 2-core AVX2 CPU (docs/SPEED.md).
 """
 from typing import Dict, Optional, Tuple
 
@@ -50,6 +52,22 @@ from ..layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winogra
                                winograd_weight_differentiable)
 
 __all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
+
+# 3x3 stride-1 convolutions with at least this many input channels run as Winograd GEMMs at
+# inference (layers/winograd.py): 128 = R50 res3-res5, 10-30% faster per convolution than oneDNN.
+WINOGRAD_MIN_CHANNELS = 128
+# Winograd F(4x4, 3x3) (4x fewer multiply-adds than direct, ~4x its float32 rounding) on maps of at
+# least this many pixels, F(2x2, 3x3) on smaller ones: 1024 = R50 res3-res4 at 640x800 (res5, 20x25,
+# has too few tiles for the larger tile's GEMMs).
+WINOGRAD_F4_MIN_PIXELS = 1024
+# Training: 3x3 convolutions of trainable blocks with at least this many input channels run as
+# differentiable Winograd convolutions: fwd+bwd at batch 2, 83 vs 173 ms (oneDNN) at res3 (F(4x4)),
+# 47 vs 124 ms at res4, 72 vs 148 ms at res5 (F(2x2)).
+TRAIN_WINOGRAD_MIN_CHANNELS = 128
+# Training: 1x1 convolutions of trainable blocks on maps of at least this many pixels run as per-image
+# GEMMs (layers/conv1x1.py): 62 vs 101 ms fwd+bwd for 512->128 at 80x100; equal at 40x50, oneDNN
+# faster at 20x25. 4096 = R50 res3 and the convolutions reading res2 at 640x800.
+TRAIN_GEMM_1X1_MIN_PIXELS = 4096
 
 _BLOCK_TYPES = (BottleneckBlock, BasicBlock)
 
@@ -321,10 +339,10 @@ def _train_block(x, block, winograd_min_channels: int, f4_min_pixels: int, gemm_
     return F.relu_(out)
 
 
-def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: int = 128,
+def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: int = WINOGRAD_MIN_CHANNELS,
                          fused_parts: Optional[int] = None,
                          train_winograd_min_channels: int = 0,
-                         winograd_f4_min_pixels: int = 0,
+                         winograd_f4_min_pixels: int = WINOGRAD_F4_MIN_PIXELS,
                          train_gemm_min_pixels: int = 0) -> Dict[str, torch.Tensor]:
     """Same outputs as ``body(x)`` (contiguous NCHW), via folded fused oneDNN convolutions.
 
@@ -367,10 +385,10 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
     return outputs
 
 
-def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channels: int = 128,
-                           train_winograd_min_channels: int = 128,
-                           winograd_f4_min_pixels: int = 0,
-                           train_gemm_min_pixels: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channels: int = WINOGRAD_MIN_CHANNELS,
+                           train_winograd_min_channels: int = TRAIN_WINOGRAD_MIN_CHANNELS,
+                           winograd_f4_min_pixels: int = WINOGRAD_F4_MIN_PIXELS,
+                           train_gemm_min_pixels: int = TRAIN_GEMM_1X1_MIN_PIXELS) -> Optional[Dict[str, torch.Tensor]]:
     """``body(x)`` for training on CPU with the exact speed-ups that apply (the fused frozen prefix of
     :func:`fused_frozen_prefix`, Winograd for the 3x3 convolutions of trainable bottleneck blocks with
     at least ``train_winograd_min_channels`` input channels, per-image GEMMs for their 1x1
