@@ -4,7 +4,7 @@ and the default of the official code.
 Layout:
   MODEL.SMCA_DETR.*              shared by every variant (sizes, heads, matcher, losses, inference)
   MODEL.SMCA_DETR.SMCA.*         SMCA-DETR only (Gao et al., ICCV 2021)
-  MODEL.SMCA_DETR.CONDITIONAL.*  Conditional DETR only (Meng et al., ICCV 2021)
+  (Conditional DETR, Meng et al., ICCV 2021, has no hyper-parameter beyond the shared ones)
   MODEL.SMCA_DETR.DEFORMABLE.*   Deformable DETR only (Zhu et al., ICLR 2021)
   INPUT.DETR.*                   the DETR data recipe (random crop branch, empty images)
   SOLVER.*                       AdamW, LR multipliers by parameter name, full-model clipping, bf16
@@ -121,11 +121,6 @@ def add_smca_detr_config(cfg):
     # together, no scale-selection FC (point4).
     _C.SMCA.SCALE_SELECTION = True
 
-    # ---------------------------------------------------------------- Conditional DETR
-    _C.CONDITIONAL = CN()
-    # Reserved for Conditional DETR specific switches (the method itself has no extra hyper-parameter
-    # beyond the shared ones: the spatial query T(f) ⊙ PE(s) is always on).
-
     # ---------------------------------------------------------------- Deformable DETR
     _C.DEFORMABLE = CN()
     # Feature levels L fed to the deformable transformer: the IN_FEATURES backbone levels, then
@@ -139,14 +134,11 @@ def add_smca_detr_config(cfg):
     # Iterative bounding box refinement: per-layer class/box heads, each layer's box refines the
     # reference of the next (detached). Official flag --with_box_refine.
     _C.DEFORMABLE.WITH_BOX_REFINE = False
-    # Two-stage: every encoder position proposes a box; the top TWO_STAGE_NUM_PROPOSALS by the extra
-    # encoder head (head set index DEC_LAYERS) seed the decoder's references and queries. Official flag
-    # --two_stage. Requires WITH_BOX_REFINE=True (the official code crashes without it; we refuse at
-    # build time).
+    # Two-stage: every encoder position proposes a box; the top NUM_QUERIES by the extra encoder head
+    # (head set index DEC_LAYERS) seed the decoder's references and queries (the official code ties
+    # the proposal count to --num_queries). Official flag --two_stage. Requires WITH_BOX_REFINE=True
+    # (the official code crashes without it; we refuse at build time).
     _C.DEFORMABLE.TWO_STAGE = False
-    # Number of two-stage proposals = decoder queries; must equal NUM_QUERIES (official: both are
-    # --num_queries, 300).
-    _C.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS = 300
     # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA, else PyTorch) |
     # "triton" | "pytorch".
     _C.DEFORMABLE.MSDA_IMPL = "auto"

@@ -23,7 +23,7 @@ FIXTURES = fixture_params("deformable_detr_small_*.pt")
 DEFORMABLE_KEYS = {
     "DEFORMABLE.NUM_FEATURE_LEVELS": "num_feature_levels", "DEFORMABLE.ENC_N_POINTS": "enc_n_points",
     "DEFORMABLE.DEC_N_POINTS": "dec_n_points", "DEFORMABLE.WITH_BOX_REFINE": "with_box_refine",
-    "DEFORMABLE.TWO_STAGE": "two_stage", "DEFORMABLE.TWO_STAGE_NUM_PROPOSALS": "two_stage_num_proposals",
+    "DEFORMABLE.TWO_STAGE": "two_stage",
 }
 
 

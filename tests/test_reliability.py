@@ -10,7 +10,7 @@ Covered elsewhere and not repeated here:
     (test_configs.py::test_bad_config_values_fail_at_build_time_naming_the_key), unknown keys
     (::test_unknown_key_is_rejected); Deformable TWO_STAGE without WITH_BOX_REFINE
     (test_deformable.py::test_two_stage_without_box_refine_is_refused), NUM_FEATURE_LEVELS <
-    len(IN_FEATURES), TWO_STAGE_NUM_PROPOSALS, MSDA_IMPL (::test_bad_config_is_rejected_at_build_time);
+    len(IN_FEATURES), MSDA_IMPL (::test_bad_config_is_rejected_at_build_time);
     SMCA ENCODER_LAYOUT (test_smca_multiscale.py::test_encoder_layout_is_validated_naming_the_key),
     SMCA DYNAMIC_SCALE / SMOOTH / levels (test_smca.py::test_bad_smca_config_values_name_the_key),
     Conditional PRE_NORM / levels (test_conditional.py::test_bad_config_is_rejected);
@@ -84,8 +84,7 @@ FAMILIES = {
     "ConditionalTransformer": FOCAL,
     "DeformableTransformer": DEFORMABLE,
     "DeformableTransformer/two_stage": DEFORMABLE + [
-        "MODEL.SMCA_DETR.DEFORMABLE.WITH_BOX_REFINE", "True", "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE", "True",
-        "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS", "6"],
+        "MODEL.SMCA_DETR.DEFORMABLE.WITH_BOX_REFINE", "True", "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE", "True"],
 }
 
 

@@ -125,7 +125,7 @@ def _cfg_from_fixture(kind, c, num_classes=None):
             d.NUM_FEATURE_LEVELS, d.ENC_N_POINTS, d.DEC_N_POINTS = (c["num_feature_levels"], c["enc_n_points"],
                                                                     c["dec_n_points"])
             d.WITH_BOX_REFINE, d.TWO_STAGE = c["with_box_refine"], c["two_stage"]
-            d.TWO_STAGE_NUM_PROPOSALS, d.MSDA_IMPL = c["two_stage_num_proposals"], "pytorch"
+            d.MSDA_IMPL = "pytorch"
     m.DIM_FEEDFORWARD = c["dim_feedforward"]
     m.ENC_LAYERS, m.DEC_LAYERS = c["num_encoder_layers"], c["num_decoder_layers"]
     m.NUM_QUERIES = c["num_queries"]

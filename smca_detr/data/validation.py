@@ -197,9 +197,5 @@ def build_train_dataset_dicts(cfg):
     """The training dataset dicts of ``cfg`` (``DATASETS.TRAIN``, ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``),
     validated against ``MODEL.SMCA_DETR.NUM_CLASSES``; the names of ``DATASETS.TEST`` are checked too."""
     check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
-    num_classes = None
-    smca = cfg.MODEL.get("SMCA_DETR", None)
-    if smca is not None:
-        num_classes = smca.get("NUM_CLASSES", None)
     return get_validated_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                                       num_classes=num_classes, config_key="DATASETS.TRAIN")
+                                       num_classes=cfg.MODEL.SMCA_DETR.NUM_CLASSES, config_key="DATASETS.TRAIN")

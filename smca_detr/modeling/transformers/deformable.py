@@ -221,7 +221,7 @@ class DeformableTransformer(nn.Module):
 
     Config: ``MODEL.SMCA_DETR`` sizes (HIDDEN_DIM, NHEADS, ENC/DEC_LAYERS, DIM_FEEDFORWARD, DROPOUT,
     ACTIVATION, NUM_QUERIES, IN_FEATURES) and ``MODEL.SMCA_DETR.DEFORMABLE`` (NUM_FEATURE_LEVELS,
-    ENC/DEC_N_POINTS, WITH_BOX_REFINE, TWO_STAGE, TWO_STAGE_NUM_PROPOSALS, MSDA_IMPL).
+    ENC/DEC_N_POINTS, WITH_BOX_REFINE, TWO_STAGE (NUM_QUERIES proposals), MSDA_IMPL).
 
     Attributes read by the meta-architecture: ``per_layer_heads`` (= box refinement),
     ``num_head_sets`` (``DEC_LAYERS``, + 1 for the two-stage encoder heads), ``zero_init_box``,
@@ -265,11 +265,6 @@ class DeformableTransformer(nn.Module):
                 f"{_CFG}.TWO_STAGE=True requires {_CFG}.WITH_BOX_REFINE=True: two-stage Deformable DETR "
                 "needs per-layer heads (the encoder proposals use the extra head set at index DEC_LAYERS); "
                 "the official implementation crashes in this combination too")
-        if self.two_stage and dc.TWO_STAGE_NUM_PROPOSALS != c.NUM_QUERIES:
-            raise ValueError(
-                f"{_CFG}.TWO_STAGE_NUM_PROPOSALS={dc.TWO_STAGE_NUM_PROPOSALS} must equal "
-                f"MODEL.SMCA_DETR.NUM_QUERIES={c.NUM_QUERIES}: the two-stage proposals are the decoder "
-                "queries (the official code ties both to --num_queries)")
         if c.PRE_NORM:
             raise ValueError("Deformable DETR has no pre-norm variant; set MODEL.SMCA_DETR.PRE_NORM=False")
         if d % 32 != 0:
