@@ -47,7 +47,8 @@ from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
-from .smca import SMCADecoderLayer, mask_padded_keys, scale_channels, smca_gaussian_bias
+from .smca import (SMCADecoderLayer, image_wh, mask_padded_keys, prior_in_float32, scale_channels,
+                   smca_gaussian_bias)
 
 __all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
            "MultiScaleSMCADecoder", "image_wh", "validate_encoder_layout", "SMCAMultiScaleTransformer"]
@@ -76,14 +77,6 @@ class MemorySegment:
     @property
     def size(self) -> int:
         return self.height * self.width
-
-
-def image_wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
-    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes."""
-    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
-    if hw.shape != (batch, 2):
-        raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
-    return hw.flip(-1)
 
 
 def segment_softmax(logits: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
@@ -150,13 +143,15 @@ class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
         self.point3 = nn.Linear(d_model, self.k * g * num_param_groups) if self.k else None
         self.point4 = nn.Linear(d_model, num_segments) if scale_selection else None
 
+    @prior_in_float32
     def multi_scale_prior(self, out: torch.Tensor, ref_px: Optional[torch.Tensor], image_wh: torch.Tensor,
                           segments: Sequence[MemorySegment], record: Optional[Dict] = None):
         """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``.
 
         ``ref_px [B,Q,2]``: layer 0's reference centre in image pixels ``(w, h)·sigmoid(point1)``
         (None in layer 0, which computes it). Returns (bias ``[B,G,Q,S]`` over the concatenated
-        segments, ref_px, reference logit ``[B,Q,2]`` or None).
+        segments, ref_px, reference logit ``[B,Q,2]`` or None); float32 under autocast
+        (``prior_in_float32``).
         """
         b, q, _ = out.shape
         g, p = self.num_gaussians, self.num_param_groups
@@ -396,7 +391,7 @@ class SMCAMultiScaleTransformer(nn.Module):
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, src.dtype, src.device)
+        wh = image_wh(image_sizes, b, src)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, lvl_pos, query_pos, mask, image_wh=wh,
                                      segments=self.segments(shapes), records=records)
