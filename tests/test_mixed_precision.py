@@ -80,3 +80,52 @@ def test_smca_prior_and_image_sizes_are_float32_under_autocast(kind, dtype, monk
             expect_bias, expect_ref, _ = real(layer, x.float(), None if ref is None else ref.float(), exact_wh,
                                               *rest, **kwargs)
         assert torch.equal(bias, expect_bias) and torch.equal(new_ref, expect_ref)
+
+
+# ------------------------------------------------------------------ GradScaler + clipping
+def _clip_cfg(clip_type, fused):
+    from smca_detr.config import add_smca_detr_config as add_cfg
+
+    cfg = add_cfg(get_cfg())
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.BASE_LR", "0.5", "SOLVER.WEIGHT_DECAY", "0.0",
+                         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type,
+                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.1", "SOLVER.FUSED_OPTIMIZER", str(fused)])
+    return cfg
+
+
+@pytest.mark.parametrize("clip_type", ["value", "norm", "full_model"])
+def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscaler(clip_type):
+    """fp16 training: GradScaler.step must unscale before the clipping for every clip type, also for
+    the fused AdamW (which would otherwise unscale inside its kernel, after clipping x 2^16 gradients).
+    Fused and loop AdamW under a GradScaler, and the loop without a scaler, make the same update and
+    leave the same clipped gradients."""
+    from smca_detr.engine import build_optimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(16, 4) * 10
+    results = {}
+    for name, fused, scaled in (("fused", True, True), ("loop", False, True), ("plain", False, False)):
+        model = copy.deepcopy(net)
+        opt = build_optimizer(_clip_cfg(clip_type, fused), model)
+        assert bool(opt.defaults.get("fused")) == fused
+        for group in opt.param_groups:
+            group["eps"] = 1.0  # the update then depends on the gradient's magnitude, not only its sign
+        loss = model(x).pow(2).sum()
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        results[name] = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    for p, g in (pg for pairs in results.values() for pg in pairs):
+        assert g.abs().max() <= 0.1 + 1e-6 if clip_type == "value" else g.norm() <= 0.1 + 1e-6
+    for other in ("loop", "plain"):
+        for (p, g), (q, h) in zip(results["fused"], results[other]):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the step was large enough to see a wrong clip (x 2^-16 gradients would barely move)
+    assert all((p - q).abs().max() > 1e-3 for (p, _), q in zip(results["fused"], net.parameters()))
