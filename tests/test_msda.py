@@ -674,6 +674,7 @@ def test_module_triton_matches_pytorch(interpret, ref):
 
 
 # ----------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
@@ -847,3 +848,48 @@ def test_triton_kernels_launch_on_the_tensors_device(monkeypatch, backward):
         else:
             tk.ms_deform_attn_triton_forward(value, shapes, starts, loc, attn)
     assert launched == [1] and current[0] == 0
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+def _mixed_inputs(value_dtype, device="cpu", B=2, Q=5):
+    """As autocast produces them in Deformable DETR: ``value`` from a Linear (bf16 / fp16), sampling
+    locations and attention weights in float32 (reference points + offsets, softmax)."""
+    value, shapes, starts, loc, attn = make_inputs(B, [(4, 5), (2, 3)], 2, 6, Q, 2, dtype=torch.float64, seed=3)
+    return (value.to(device, value_dtype), shapes.to(device), starts.to(device), loc.to(device, torch.float32),
+            attn.to(device, torch.float32))
+
+
+def _check_mixed(impl, inputs, rel):
+    value, shapes, starts, loc, attn = inputs
+    out, grads, g = fwd_bwd(impl, inputs)
+    as64 = [t.double() if t.is_floating_point() else t for t in inputs]
+    out_r, grads_r, _ = fwd_bwd("oracle", [t.cpu() for t in as64], g.double().cpu())
+    assert out.dtype == value.dtype and out.device == value.device
+    assert [t.dtype for t in grads] == [value.dtype, torch.float32, torch.float32]
+    for name, a, e in [("out", out, out_r)] + list(zip(("value", "loc", "attn"), grads, grads_r)):
+        err = float((a.double().cpu() - e).abs().max())
+        assert err <= rel * float(e.abs().max()) + rel, f"{impl} {value.dtype} {name}: max error {err}"
+
+
+MIXED_REL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("impl", ["pytorch", "triton"])
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_dtypes_as_autocast_produces_them(request, impl, value_dtype):
+    """bf16 / fp16 ``value`` with float32 locations and weights: output and value gradient in the
+    value dtype, the other gradients in float32, all close to the float64 oracle; the Triton kernels
+    in the interpreter (TRITON_INTERPRET=1)."""
+    if impl == "triton":
+        request.getfixturevalue("interpret")
+    _check_mixed(impl, _mixed_inputs(value_dtype), MIXED_REL[value_dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_triton
+@pytest.mark.parametrize("impl", ["pytorch", "triton"])
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_dtypes_on_cuda(monkeypatch, impl, value_dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_mixed(impl, _mixed_inputs(value_dtype, device="cuda", Q=300), MIXED_REL[value_dtype])
