@@ -129,3 +129,37 @@ def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscale
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # the step was large enough to see a wrong clip (x 2^-16 gradients would barely move)
     assert all((p - q).abs().max() > 1e-3 for (p, _), q in zip(results["fused"], net.parameters()))
+
+
+# ------------------------------------------------------------------ fp16 attention masks
+def test_fp16_attention_mask_stays_finite_where_keys_are_valid():
+    """A float32 Gaussian prior cast to fp16 clamps instead of overflowing to -inf: a query whose
+    Gaussian is far from every key (bias < -65504 everywhere) gets finite logits, not a row of -inf
+    (NaN after the softmax); padded keys stay -inf; in float32 the mask is unchanged."""
+    from smca_detr.modeling.layers import MultiheadAttention, make_attn_mask
+    from smca_detr.modeling.transformers.smca import mask_padded_keys
+
+    g = torch.Generator().manual_seed(0)
+    b, m, q, s, d = 2, 2, 3, 6, 8
+    bias = -10 * torch.rand(b, m, q, s, generator=g)
+    bias[0, :, 1] = -torch.linspace(7e4, 9e4, s)  # past fp16's range on every key
+    bias[1, 0, 2] = -1e30
+    pad = torch.zeros(b, s, dtype=torch.bool)
+    pad[1, -2:] = True
+    full = mask_padded_keys(bias, pad)  # SMCA: -inf at padded keys inside the bias
+    padded = pad[:, None, None, :].expand_as(full)
+    for mask in (make_attn_mask(None, full, torch.float16), make_attn_mask(pad, bias, torch.float16)):
+        assert mask.dtype == torch.float16
+        assert torch.isfinite(mask[~padded]).all() and (mask[padded] == float("-inf")).all()
+    assert torch.equal(make_attn_mask(None, full, torch.float32), full)
+    assert torch.equal(make_attn_mask(pad, bias, torch.float32), full)
+
+    torch.manual_seed(0)
+    attn = MultiheadAttention(d, m).half().eval()
+    x = torch.randn(b, q, d, generator=g).half()
+    mem = torch.randn(b, s, d, generator=g).half()
+    with torch.no_grad():
+        fused, _ = attn(x, mem, mem, attn_bias=full)
+        explicit, weights = attn(x, mem, mem, attn_bias=full, need_weights=True)
+    assert torch.isfinite(fused).all() and torch.isfinite(explicit).all()
+    assert (weights[padded] == 0).all()

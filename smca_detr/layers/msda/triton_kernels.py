@@ -30,7 +30,8 @@ Design
   - ``grad_value`` at the four corners ``+= w * corner_weight * g`` via relaxed ``tl.atomic_add``
     (several queries hit the same pixel) into a float32 (float64 for float64 inputs) buffer that
     the wrapper casts back to the value dtype (fp16/bf16 atomics would lose precision).
-* **Launch** on the tensors' device (``on_device``), not the current one: ``BLOCK_R * BLOCK_D`` is about 2048 (forward) / 1024 (backward, more live tiles)
+* **Launch** on the tensors' CUDA device (``on_device``), not on the current one.
+  ``BLOCK_R * BLOCK_D`` is about 2048 (forward) / 1024 (backward, more live tiles)
   elements, ``BLOCK_R`` is halved (down to 16) while the grid has fewer than 512 programs so that
   decoder-sized inputs (300 queries) still fill a large GPU; 4 warps (2 for small tiles).
 * Compared with the PyTorch path (per level: a transposed copy of ``value``, ``grid_sample`` into a
