@@ -15,6 +15,9 @@ from smca_detr.modeling.transformers.smca_multiscale import MultiScaleSMCADecode
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HALF = [torch.bfloat16, torch.float16]
+# CPU always; CUDA (`pytest -m cuda`, tools/gpu_check.py) where a GPU is present
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 # (transformer, backbone levels (channels, stride), decoder layer class, name of its prior method)
 SMCA_KINDS = {
     "single": (SMCATransformer, [(20, 32)], SMCADecoderLayer, "spatial_prior"),
@@ -27,7 +30,7 @@ SMCA_KINDS = {
 IMAGE_SIZES = [(800, 1333), (750, 2049)]
 
 
-def _smca_transformer(kind):
+def _smca_transformer(kind, device="cpu"):
     cls, levels, _, _ = SMCA_KINDS[kind]
     cfg = add_smca_detr_config(get_cfg())
     m = cfg.MODEL.SMCA_DETR
@@ -47,15 +50,16 @@ def _smca_transformer(kind):
         feats.append(torch.randn(len(IMAGE_SIZES), c, h, w, generator=g))
         masks.append(torch.zeros(len(IMAGE_SIZES), h, w, dtype=torch.bool))
     masks[-1][1, :, -1] = True  # some padding
-    return tr, feats, masks
+    return tr.to(device), [f.to(device) for f in feats], [m.to(device) for m in masks]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", list(SMCA_KINDS))
-def test_smca_prior_and_image_sizes_are_float32_under_autocast(kind, dtype, monkeypatch):
+def test_smca_prior_and_image_sizes_are_float32_under_autocast(kind, dtype, device, monkeypatch):
     """Under autocast every SMCA transformer gets the exact image sizes (1333, 2049) in float32 and
     computes its Gaussian prior (heads, centres, distances) exactly as the float32 computation."""
-    tr, feats, masks = _smca_transformer(kind)
+    tr, feats, masks = _smca_transformer(kind, device)
     _, _, layer_cls, method = SMCA_KINDS[kind]
     real = getattr(layer_cls, method)
     calls = []
@@ -67,11 +71,11 @@ def test_smca_prior_and_image_sizes_are_float32_under_autocast(kind, dtype, monk
         return result
 
     monkeypatch.setattr(layer_cls, method, spy)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
         out = tr(feats, masks, IMAGE_SIZES)
     assert torch.isfinite(out.hs).all()
     assert len(calls) == 2  # one per decoder layer
-    exact_wh = torch.tensor([[w, h] for h, w in IMAGE_SIZES], dtype=torch.float32)
+    exact_wh = torch.tensor([[w, h] for h, w in IMAGE_SIZES], dtype=torch.float32, device=device)
     for layer, (x, ref, wh, *rest), kwargs, (bias, new_ref, logit) in calls:
         assert wh.dtype == torch.float32 and torch.equal(wh, exact_wh)
         assert bias.dtype == torch.float32 and new_ref.dtype == torch.float32
@@ -93,8 +97,9 @@ def _clip_cfg(clip_type, fused):
     return cfg
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clip_type", ["value", "norm", "full_model"])
-def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscaler(clip_type):
+def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscaler(clip_type, device):
     """fp16 training: GradScaler.step must unscale before the clipping for every clip type, also for
     the fused AdamW (which would otherwise unscale inside its kernel, after clipping x 2^16 gradients).
     Fused and loop AdamW under a GradScaler, and the loop without a scaler, make the same update and
@@ -102,8 +107,8 @@ def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscale
     from smca_detr.engine import build_optimizer
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    x = torch.randn(16, 4) * 10
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(device)
+    x = torch.randn(16, 4).to(device) * 10
     results = {}
     for name, fused, scaled in (("fused", True, True), ("loop", False, True), ("plain", False, False)):
         model = copy.deepcopy(net)
@@ -113,7 +118,7 @@ def test_every_clip_type_clips_unscaled_gradients_with_fused_adamw_and_gradscale
             group["eps"] = 1.0  # the update then depends on the gradient's magnitude, not only its sign
         loss = model(x).pow(2).sum()
         if scaled:
-            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+            scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
