@@ -169,8 +169,9 @@ def add_smca_detr_config(cfg):
     # Number of two-stage proposals = decoder queries; must equal NUM_QUERIES (official: both are
     # --num_queries, 300).
     _C.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS = 300
-    # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA, else PyTorch) |
-    # "triton" | "pytorch".
+    # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA GPUs of compute
+    # capability >= 7.0 when triton can run the kernels, else PyTorch; a CUDA fallback warns once
+    # with the reason) | "triton" | "pytorch".
     _C.DEFORMABLE.MSDA_IMPL = "auto"
 
     # ---------------------------------------------------------------- data
