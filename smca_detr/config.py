@@ -139,8 +139,9 @@ def add_smca_detr_config(cfg):
     # the proposal count to --num_queries). Official flag --two_stage. Requires WITH_BOX_REFINE=True
     # (the official code crashes without it; we refuse at build time).
     _C.DEFORMABLE.TWO_STAGE = False
-    # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA, else PyTorch) |
-    # "triton" | "pytorch".
+    # Implementation of multi-scale deformable attention: "auto" (Triton on CUDA GPUs of compute
+    # capability >= 7.0 when triton can run the kernels, else PyTorch; a CUDA fallback warns once
+    # with the reason) | "triton" | "pytorch".
     _C.DEFORMABLE.MSDA_IMPL = "auto"
 
     # ---------------------------------------------------------------- data

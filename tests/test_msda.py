@@ -674,6 +674,7 @@ def test_module_triton_matches_pytorch(interpret, ref):
 
 
 # ----------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
@@ -692,3 +693,203 @@ def test_triton_cuda_matches_reference(dtype, monkeypatch):
             assert a.dtype == dtype and a.device.type == "cuda", name
             err = float((a.double() - e).abs().max())
             assert err <= rel * float(e.abs().max()) + rel, f"{dtype} {name}: max error {err}"
+
+
+# ----------------------------------------------------------------------------- environment rules
+@pytest.fixture
+def fresh_triton_checks(monkeypatch):
+    """Forget the cached triton check and the once-per-process log flags (before and after)."""
+    msda_op.triton_unavailable_reason.cache_clear()
+    monkeypatch.setattr(msda_op, "_FALLBACK_WARNED", False)
+    monkeypatch.setattr(msda_op, "_AUTO_LOGGED", False)
+    yield
+    msda_op.triton_unavailable_reason.cache_clear()
+
+
+def _op_log_records(level=logging.WARNING):
+    """(records list, remove function): a handler on the op's own logger (propagation may be off)."""
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    old_level = msda_op.logger.level
+    msda_op.logger.setLevel(level)
+    msda_op.logger.addHandler(handler)
+
+    def remove():
+        msda_op.logger.removeHandler(handler)
+        msda_op.logger.setLevel(old_level)
+
+    return records, remove
+
+
+@needs_triton
+def test_triton_without_knobs_uses_the_environment_variable(monkeypatch, fresh_triton_checks):
+    """Triton < 3.4 has no ``triton.knobs``: the kernels still resolve, and the interpreter follows
+    TRITON_INTERPRET (what ``triton.jit`` reads there)."""
+    import triton
+
+    from smca_detr.layers.msda.triton_kernels import interpreter_enabled
+
+    monkeypatch.delattr(triton, "knobs")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert triton_available() and not interpreter_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreter_enabled()
+    inputs = make_inputs(1, [(3, 4), (2, 2)], 2, 3, 5, 2, dtype=torch.float64)
+    before = launches()
+    out_t, grads_t, g = fwd_bwd("triton", inputs)
+    out_r, grads_r, _ = fwd_bwd("oracle", inputs, g)
+    after = launches()
+    assert after.get(("fwd", "interpret"), 0) > before.get(("fwd", "interpret"), 0)
+    assert after.get(("bwd", "interpret"), 0) > before.get(("bwd", "interpret"), 0)
+    torch.testing.assert_close(out_t, out_r, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grads_t[0], grads_r[0], atol=1e-12, rtol=1e-10)
+
+
+@needs_triton
+def test_triton_lacking_a_kernel_feature_is_unavailable_and_named(monkeypatch, fresh_triton_checks):
+    import triton.language as tl
+
+    monkeypatch.delattr(tl, "static_range")
+    assert not triton_available()
+    assert "triton.language.static_range" in msda_op.triton_unavailable_reason()
+    inputs = make_inputs(1, [(3, 3)], 1, 4, 2, 1)
+    with pytest.raises(RuntimeError, match="static_range"):
+        ms_deform_attn(*inputs, impl="triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_impl("auto", torch.device("cuda:0")) == "pytorch"
+
+
+@pytest.mark.parametrize("capability,interpret,expect,reason", [
+    ((9, 0), False, "triton", None),
+    ((7, 0), False, "triton", None),
+    ((6, 1), False, "pytorch", "compute capability 6.1"),
+    ((8, 0), True, "pytorch", "TRITON_INTERPRET=1"),
+], ids=["sm90", "sm70", "sm61", "interpret-left-set"])
+def test_auto_on_cuda_checks_capability_and_interpreter_and_warns_once(
+        monkeypatch, fresh_triton_checks, capability, interpret, expect, reason):
+    """The "auto" rule on a (mocked) CUDA device: Triton from compute capability 7.0 when triton can
+    run the kernels; else the PyTorch path with one WARNING naming the reason and the memory cost."""
+    if not HAS_TRITON:
+        expect, reason = "pytorch", "triton is not importable"
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        if HAS_TRITON:
+            import triton
+
+            if getattr(triton, "knobs", None) is not None and triton.knobs.runtime.interpret:
+                pytest.skip("triton interpreter enabled in code")
+    records, remove = _op_log_records()
+    try:
+        got = [resolve_impl("auto", torch.device("cuda:1")) for _ in range(3)]
+    finally:
+        remove()
+    assert got == [expect] * 3
+    if HAS_TRITON and not interpret:
+        assert asked and all(torch.device(d) == torch.device("cuda:1") for d in asked)  # the tensors' GPU
+    if reason is None:
+        assert records == []
+    else:
+        assert len(records) == 1  # once per process, not per call
+        msg = records[0].getMessage()
+        assert reason in msg and "730 MB per encoder layer" in msg and "cuda:1" in msg
+
+
+def test_fallback_memory_figure_is_the_grid_sample_intermediate():
+    """The figure in the fallback warning: one fp32 [B*M, D, Q, L*P] tensor of the grid_sample path
+    for the Deformable DETR R50 encoder at batch 2, 800x1333 (levels of strides 8..64, ceil-sized)."""
+    tokens = sum(math.ceil(800 / s) * math.ceil(1333 / s) for s in (8, 16, 32, 64))
+    assert tokens == 22223
+    nbytes = 2 * 8 * 32 * tokens * 4 * 4 * 4
+    assert round(nbytes / 1e7) * 10 == 730 and "730 MB" in msda_op.FALLBACK_COST
+
+
+@needs_triton
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_triton_kernels_launch_on_the_tensors_device(monkeypatch, backward):
+    """Triton launches on the current CUDA device: with tensors on cuda:1 while device 0 is current,
+    the launch must run under cuda:1. Checked without a GPU: fake cuda:1 tensors (FakeTensorMode),
+    torch.cuda.device / current_device mocked, the kernel launch recorded instead of run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from smca_detr.layers.msda import triton_kernels as tk
+
+    current = [0]
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(torch.cuda.current_device())
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(tk, "_kernel", lambda name: FakeKernel())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 3, 2)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        value, shapes, starts, loc, attn = (t.to("cuda:1") for t in inputs)
+        if backward:
+            tk.ms_deform_attn_triton_backward(torch.ones(1, 3, 8, device="cuda:1"), value, shapes, starts, loc, attn)
+        else:
+            tk.ms_deform_attn_triton_forward(value, shapes, starts, loc, attn)
+    assert launched == [1] and current[0] == 0
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+def _mixed_inputs(value_dtype, device="cpu", B=2, Q=5):
+    """As autocast produces them in Deformable DETR: ``value`` from a Linear (bf16 / fp16), sampling
+    locations and attention weights in float32 (reference points + offsets, softmax)."""
+    value, shapes, starts, loc, attn = make_inputs(B, [(4, 5), (2, 3)], 2, 6, Q, 2, dtype=torch.float64, seed=3)
+    return (value.to(device, value_dtype), shapes.to(device), starts.to(device), loc.to(device, torch.float32),
+            attn.to(device, torch.float32))
+
+
+def _check_mixed(impl, inputs, rel):
+    value, shapes, starts, loc, attn = inputs
+    out, grads, g = fwd_bwd(impl, inputs)
+    as64 = [t.double() if t.is_floating_point() else t for t in inputs]
+    out_r, grads_r, _ = fwd_bwd("oracle", [t.cpu() for t in as64], g.double().cpu())
+    assert out.dtype == value.dtype and out.device == value.device
+    assert [t.dtype for t in grads] == [value.dtype, torch.float32, torch.float32]
+    for name, a, e in [("out", out, out_r)] + list(zip(("value", "loc", "attn"), grads, grads_r)):
+        err = float((a.double().cpu() - e).abs().max())
+        assert err <= rel * float(e.abs().max()) + rel, f"{impl} {value.dtype} {name}: max error {err}"
+
+
+MIXED_REL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("impl", ["pytorch", "triton"])
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_dtypes_as_autocast_produces_them(request, impl, value_dtype):
+    """bf16 / fp16 ``value`` with float32 locations and weights: output and value gradient in the
+    value dtype, the other gradients in float32, all close to the float64 oracle; the Triton kernels
+    in the interpreter (TRITON_INTERPRET=1)."""
+    if impl == "triton":
+        request.getfixturevalue("interpret")
+    _check_mixed(impl, _mixed_inputs(value_dtype), MIXED_REL[value_dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_triton
+@pytest.mark.parametrize("impl", ["pytorch", "triton"])
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_dtypes_on_cuda(monkeypatch, impl, value_dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_mixed(impl, _mixed_inputs(value_dtype, device="cuda", Q=300), MIXED_REL[value_dtype])

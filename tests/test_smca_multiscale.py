@@ -91,10 +91,9 @@ def test_segment_softmax_matches_per_segment_softmax_and_gradients():
     logits = torch.randn(2, 3, 4, sum(sizes), generator=g, dtype=torch.float64) * 5
     logits[0, :, :, 1] = float("-inf")  # a masked key
     weights = torch.randn(2, 1, 4, 3, generator=g, dtype=torch.float64).softmax(-1)
-    ids = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
-    got = segment_softmax(a, ids, 3, weights)
+    got = segment_softmax(a, sizes, weights)
     ref = _reference_segment_softmax(b, sizes, weights)
     torch.testing.assert_close(got, ref, atol=1e-14, rtol=0)
     # per segment, the probabilities sum to that segment's weight
@@ -105,21 +104,72 @@ def test_segment_softmax_matches_per_segment_softmax_and_gradients():
     (ref * up).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
     # no weights: plain per-segment softmax
-    torch.testing.assert_close(segment_softmax(logits, ids, 3), _reference_segment_softmax(
+    torch.testing.assert_close(segment_softmax(logits, sizes), _reference_segment_softmax(
         logits, sizes, torch.ones(1, 1, 1, 3, dtype=torch.float64)), atol=1e-14, rtol=0)
 
 
 def test_segment_softmax_fully_masked_segment_gives_zeros_not_nan():
     logits = torch.randn(1, 1, 2, 6, dtype=torch.float64)
     logits[..., 2:4] = float("-inf")
-    ids = torch.tensor([0, 0, 1, 1, 2, 2])
     x = logits.clone().requires_grad_()
     alpha = torch.full((1, 1, 2, 3), 1 / 3, dtype=torch.float64, requires_grad=True)
-    w = segment_softmax(x, ids, 3, alpha)
+    w = segment_softmax(x, [2, 2, 2], alpha)
     assert torch.isfinite(w).all()
     assert torch.equal(w[..., 2:4], torch.zeros_like(w[..., 2:4]))
     (w * torch.randn_like(w)).sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(alpha.grad).all()
+
+
+def _scatter_segment_softmax(logits, sizes, weights):
+    """The previous implementation (scatter_reduce / scatter_add over segment ids: atomics on GPU),
+    kept as the reference the slice-per-segment version must reproduce."""
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    shape = logits.shape[:-1] + (len(sizes),)
+    idx = ids.expand(logits.shape)
+    with torch.no_grad():
+        mx = logits.new_full(shape, float("-inf")).scatter_reduce(-1, idx, logits, "amax")
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = (logits - mx.gather(-1, idx)).exp()
+    den = e.new_zeros(shape).scatter_add(-1, idx, e)
+    den = torch.where(den > 0, den, torch.ones_like(den))
+    return e * (weights / den).gather(-1, idx)
+
+
+def test_segment_softmax_equals_the_scatter_implementation():
+    """Float64, with masked keys and a fully masked segment: values and gradients as before."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [6, 4, 1, 3]
+    logits = torch.randn(2, 3, 5, sum(sizes), generator=g, dtype=torch.float64) * 4
+    logits[0, :, :, 2] = float("-inf")
+    logits[1, 1, :, 6:10] = float("-inf")  # segment 1 fully masked for one head
+    weights = torch.randn(2, 1, 5, 4, generator=g, dtype=torch.float64).softmax(-1)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    wa, wb = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    got, ref = segment_softmax(a, sizes, wa), _scatter_segment_softmax(b, sizes, wb)
+    torch.testing.assert_close(got, ref, atol=1e-15, rtol=1e-15)
+    assert torch.equal(got[1, 1, :, 6:10], torch.zeros_like(got[1, 1, :, 6:10]))
+    up = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    (got * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(wa.grad, wb.grad, atol=1e-14, rtol=1e-14)
+    with pytest.raises(ValueError, match="segment sizes"):
+        segment_softmax(logits, [6, 4, 1])
+    # no scatter (atomics on GPU, non-deterministic) in the forward or the backward
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with OpNames() as ops:
+        segment_softmax(a, sizes, wa).sum().backward()
+    assert ops.names and not [n for n in ops.names if "scatter" in n or "index_put" in n]
 
 
 # ------------------------------------------------------------------ padding
@@ -201,8 +251,7 @@ def test_each_scale_output_is_weighted_by_alpha(kind):
         torch.testing.assert_close(alpha, alpha_ref.expand_as(alpha), atol=1e-14, rtol=0)
         bias, _, _ = layer.multi_scale_prior(out, None, wh, segments)
         attn_mask = mask_padded_keys(bias, mask)
-        ids = torch.repeat_interleave(torch.arange(p), torch.tensor([s.size for s in segments]))
-        got, _ = layer.cross_attention(x, memory, pos, qpos, attn_mask, alpha, ids, False)
+        got, _ = layer.cross_attention(x, memory, pos, qpos, attn_mask, alpha, segments, False)
         expected = torch.zeros_like(got)
         start = 0
         for i, seg in enumerate(segments):

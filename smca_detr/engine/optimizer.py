@@ -16,7 +16,9 @@ Gradient clipping (``SOLVER.CLIP_GRADIENTS``, when ENABLED):
   "value" / "norm" detectron2's per-parameter clipping (``maybe_add_gradient_clipping``).
 Because the clipping lives in ``step()``, it composes with ``GradScaler``: ``scaler.step(opt)``
 unscales the gradients first and then calls ``opt.step()``, so the norm is taken on true gradients
-(and the step is skipped altogether when the scaler found inf/NaN).
+(and the step is skipped altogether when the scaler found inf/NaN). A fused Adam/AdamW would skip
+that unscale (it advertises ``_step_supports_amp_scaling`` and unscales inside its kernel, after our
+clipping); every clipping optimizer turns that off (``unscale_before_step``), whatever the clip type.
 """
 import inspect
 import logging
@@ -31,6 +33,7 @@ __all__ = [
     "get_param_groups",
     "lr_multiplier_of",
     "add_full_model_gradient_clipping",
+    "unscale_before_step",
     "OPTIMIZERS",
 ]
 
@@ -97,19 +100,32 @@ def get_param_groups(cfg, model: nn.Module) -> List[dict]:
     ]
 
 
+def unscale_before_step(optimizer_cls: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
+    """A subclass of ``optimizer_cls`` that never claims ``_step_supports_amp_scaling``: ``GradScaler.step``
+    then unscales the gradients (``scaler.unscale_``) before calling ``step()``. Needed by every
+    optimizer that looks at the gradients in ``step()`` before the parameter update (clipping): a fused
+    Adam/AdamW otherwise receives still-scaled gradients (x 2^16) and unscales them inside its kernel,
+    after the clipping. Costs nothing without a GradScaler."""
+    def __init__(self, *args, **kwargs):
+        optimizer_cls.__init__(self, *args, **kwargs)
+        self._step_supports_amp_scaling = False
+
+    return type(optimizer_cls.__name__ + "UnscaledBeforeStep", (optimizer_cls,),
+                {"__init__": __init__, "__module__": __name__})
+
+
 def add_full_model_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer], max_norm: float,
                                      norm_type: float = 2.0) -> Type[torch.optim.Optimizer]:
     """A subclass of ``optimizer_cls`` whose ``step()`` first clips the total gradient norm of all its
-    parameters to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``). The norm before clipping is kept
-    in ``optimizer.last_grad_norm`` (a 0-dim tensor, for logging)."""
+    parameters to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``), on unscaled gradients under a
+    GradScaler (``unscale_before_step``). The norm before clipping is kept in
+    ``optimizer.last_grad_norm`` (a 0-dim tensor, for logging)."""
     if max_norm <= 0:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0 for full_model clipping, got {max_norm}")
+    base = unscale_before_step(optimizer_cls)
 
     def __init__(self, *args, **kwargs):
-        optimizer_cls.__init__(self, *args, **kwargs)
-        # A fused optimizer would let GradScaler hand it still-scaled gradients (it unscales inside
-        # its kernel), after our clipping: make GradScaler unscale before calling step() instead.
-        self._step_supports_amp_scaling = False
+        base.__init__(self, *args, **kwargs)
         self.last_grad_norm = None
 
     def step(self, closure=None):
@@ -120,12 +136,12 @@ def add_full_model_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer],
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if params:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type).detach()
-        optimizer_cls.step(self)
+        base.step(self)
         return loss
 
     return type(
         optimizer_cls.__name__ + "WithFullModelGradClip",
-        (optimizer_cls,),
+        (base,),
         {"__init__": __init__, "step": step, "clip_max_norm": float(max_norm),
          "clip_norm_type": float(norm_type), "__module__": __name__},
     )
@@ -145,7 +161,9 @@ def _optimizer_class(cfg) -> Type[torch.optim.Optimizer]:
     if clip.CLIP_TYPE in ("value", "norm"):
         from detectron2.solver.build import maybe_add_gradient_clipping
 
-        return maybe_add_gradient_clipping(cfg, cls)
+        # detectron2's class calls super(type(self), self).step(): it must stay the most derived
+        # class, so the unscaling subclass goes underneath it
+        return maybe_add_gradient_clipping(cfg, unscale_before_step(cls))
     raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={clip.CLIP_TYPE!r} is not supported; choose one "
                      f"of {list(_CLIP_TYPES)}")
 

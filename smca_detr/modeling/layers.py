@@ -8,7 +8,8 @@ from torch import nn
 
 from ..layers.dropout import Dropout, dropout
 
-__all__ = ["MLP", "MultiheadAttention", "FFNMixin", "make_attn_mask", "inverse_sigmoid", "get_activation", "clones"]
+__all__ = ["MLP", "MultiheadAttention", "FFNMixin", "make_attn_mask", "finite_cast", "inverse_sigmoid",
+           "get_activation", "clones"]
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -124,14 +125,28 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out), weights
 
 
+def finite_cast(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bias.to(dtype)`` where finite values stay finite: cast to a narrower floating dtype (float16:
+    ±65504) they are first clamped to ``±finfo(dtype).max / 2`` (headroom for the logits added to
+    them), ``-inf`` (masked keys) is kept. Otherwise a float32 SMCA Gaussian far from every key
+    (squared distances / β past 65504) turns a whole row to ``-inf`` in fp16, and its softmax to NaN.
+    An identity cast (e.g. float32 everywhere) is unchanged."""
+    if bias.dtype == dtype or not bias.is_floating_point() or torch.finfo(bias.dtype).max <= torch.finfo(dtype).max:
+        return bias.to(dtype)
+    limit = torch.finfo(dtype).max / 2
+    return bias.clamp(-limit, limit).masked_fill_(bias == float("-inf"), float("-inf")).to(dtype)
+
+
 def make_attn_mask(key_padding_mask, attn_bias, dtype):
-    """Additive float mask ``[B,1|M,1|Lq,Lk]``: -inf at padded keys, plus ``attn_bias``."""
+    """Additive float mask ``[B,1|M,1|Lq,Lk]`` in ``dtype``: -inf at padded keys, plus ``attn_bias``
+    (cast with ``finite_cast``: a finite bias never becomes -inf in fp16). A row of -inf only where
+    every key is padded, which the models never produce (every image has a valid pixel)."""
     mask = None
     if key_padding_mask is not None:
         mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
         mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
     if attn_bias is not None:
-        attn_bias = attn_bias.to(dtype)
+        attn_bias = finite_cast(attn_bias, dtype)
         mask = attn_bias if mask is None else mask + attn_bias
     return mask
 

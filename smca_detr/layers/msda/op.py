@@ -19,9 +19,12 @@ impl="auto") -> Tensor [B, Q, M*D]`` (shapes: see :mod:`.reference`).
   once, no double backward). Needs triton and CUDA tensors; on CPU tensors it runs the Triton
   *interpreter* when ``TRITON_INTERPRET=1`` is set (slow; meant for tests) and otherwise raises
   ``RuntimeError`` with an explanation.
-* ``"auto"``: ``"triton"`` for CUDA tensors when triton imports, else ``"pytorch"`` (CPU always
-  gets ``"pytorch"``, also with ``TRITON_INTERPRET=1``). The first ``"auto"`` resolution logs one
-  INFO line (logger ``smca_detr.layers.msda.op``) naming the choice, once per process.
+* ``"auto"``: ``"triton"`` for CUDA tensors when triton can run the kernels, else ``"pytorch"``
+  (CPU always gets ``"pytorch"``, also with ``TRITON_INTERPRET=1``). On CUDA it falls back to
+  ``"pytorch"`` with one WARNING naming the reason and the fallback's memory cost when triton is
+  missing or too old, ``TRITON_INTERPRET=1`` is left set, or the GPU's compute capability is below
+  ``MIN_CUDA_CAPABILITY`` (7.0). The first ``"auto"`` resolution logs one INFO line (logger
+  ``smca_detr.layers.msda.op``) naming the choice, once per process.
 
 Custom ops
 ----------
@@ -56,7 +59,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,6 +76,9 @@ __all__ = [
     "ms_deform_attn",
     "resolve_impl",
     "triton_available",
+    "triton_unavailable_reason",
+    "auto_fallback_reason",
+    "MIN_CUDA_CAPABILITY",
     "msda_flop_jit",
     "add_msda_flop_handle",
     "MSDA_OP_NAME",
@@ -87,14 +93,28 @@ _AUTO_LOGGED = False
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether triton and the MSDA Triton kernels import (checked once, lazily)."""
+def triton_unavailable_reason() -> Optional[str]:
+    """Why the MSDA Triton kernels cannot be used in this environment (None when they can): triton
+    does not import, or lacks a language feature the kernels use (checked once, lazily)."""
     try:
-        from . import triton_kernels  # noqa: F401  (imports triton)
+        from . import triton_kernels  # imports triton
     except Exception as exc:  # ImportError, or a broken triton install
-        logger.debug("Triton MSDA kernels unavailable: %r", exc)
-        return False
-    return True
+        return f"triton is not importable ({exc!r})"
+    missing = triton_kernels.missing_triton_features()
+    if missing:
+        import triton
+
+        return (f"the installed triton {getattr(triton, '__version__', '?')} lacks {', '.join(missing)} "
+                "(the kernels need triton >= 3.0)")
+    return None
+
+
+def triton_available() -> bool:
+    """Whether triton imports and has every feature the MSDA Triton kernels use."""
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        logger.debug("Triton MSDA kernels unavailable: %s", reason)
+    return reason is None
 
 
 def _interpreter_enabled() -> bool:
@@ -103,19 +123,63 @@ def _interpreter_enabled() -> bool:
     return interpreter_enabled()
 
 
+#: Lowest CUDA compute capability the Triton kernels run on: Triton's own minimum (torch inductor
+#: refuses devices below 7.0 for the same reason). The kernels need nothing newer: their atomics
+#: are fp32 / fp64 adds (sm_60+), bf16 / fp16 are only loaded, converted and stored.
+MIN_CUDA_CAPABILITY = (7, 0)
+
+#: What the PyTorch fallback costs on a GPU, stated in the fallback warning. The grid_sample path
+#: materialises ``[B*M, D, Q, L*P]`` sampled values (and keeps them for the backward) per call:
+#: Deformable DETR R50 encoder at batch 2, 800x1333 (S = Q = 100*167 + 50*84 + 25*42 + 13*21 =
+#: 22223 tokens), M*D = 8*32, L*P = 4*4, fp32: 2*8*32*22223*16*4 B = 728 MB per encoder layer.
+FALLBACK_COST = ("the PyTorch grid_sample path materialises [B*M, D, Q, L*P] sampled values per layer "
+                 "(about 730 MB per encoder layer at batch 2, 800x1333, fp32, Deformable DETR R50) "
+                 "and is several times slower")
+_FALLBACK_WARNED = False
+
+
+def _cuda_capability(device: torch.device):
+    """The compute capability of a CUDA ``device``, or None where it cannot be queried (no CUDA
+    driver: fake tensors or tracing on a CPU host; the op's fake implementation serves those)."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (RuntimeError, AssertionError, AttributeError):
+        return None
+
+
+def auto_fallback_reason(device: torch.device) -> Optional[str]:
+    """Why ``impl="auto"`` does not use the Triton kernels for CUDA tensors on ``device`` (None when
+    it does): triton unusable, a leftover ``TRITON_INTERPRET=1`` (the interpreter would copy every
+    tensor to the host), or a GPU below ``MIN_CUDA_CAPABILITY``."""
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        return reason
+    if _interpreter_enabled():
+        return ("TRITON_INTERPRET=1 is set (the Triton interpreter, meant for CPU tests, would run the "
+                "kernels on the host); unset it to use the Triton kernels")
+    cap = _cuda_capability(device)
+    if cap is not None and cap < MIN_CUDA_CAPABILITY:
+        return (f"{device} has compute capability {cap[0]}.{cap[1]}; the Triton kernels need "
+                f"{MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]} or newer")
+    return None
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``impl`` ("auto" | "triton" | "pytorch") to the implementation used for tensors on
     ``device``: "triton" or "pytorch". Raises ``ValueError`` for an unknown ``impl`` and
-    ``RuntimeError`` when "triton" is requested but cannot run."""
-    global _AUTO_LOGGED
+    ``RuntimeError`` when "triton" is requested but cannot run. "auto" on a CUDA device falls back to
+    "pytorch" with one WARNING (once per process) naming the reason (``auto_fallback_reason``) and
+    the fallback's cost."""
+    global _AUTO_LOGGED, _FALLBACK_WARNED
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     device = torch.device(device)
     if impl == "pytorch":
         return "pytorch"
     if impl == "triton":
-        if not triton_available():
-            raise RuntimeError("impl='triton' requested but triton is not importable; use impl='pytorch'")
+        reason = triton_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"impl='triton' requested but {reason}; use impl='pytorch'")
         if device.type != "cuda" and not _interpreter_enabled():
             raise RuntimeError(
                 f"impl='triton' needs CUDA tensors (got device '{device}'); set TRITON_INTERPRET=1 "
@@ -123,7 +187,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                 "impl='pytorch'"
             )
         return "triton"
-    chosen = "triton" if device.type == "cuda" and triton_available() else "pytorch"
+    chosen = "pytorch"
+    if device.type == "cuda":
+        reason = auto_fallback_reason(device)
+        if reason is None:
+            chosen = "triton"
+        elif not _FALLBACK_WARNED:
+            _FALLBACK_WARNED = True
+            logger.warning("Multi-scale deformable attention: impl='auto' falls back to the PyTorch "
+                           "implementation on %s because %s. Cost: %s.", device, reason, FALLBACK_COST)
     if not _AUTO_LOGGED:
         _AUTO_LOGGED = True
         logger.info(
@@ -135,10 +207,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _resolve_impl_constant(impl: str, device_type: str) -> str:
+def _resolve_impl_constant(impl: str, device: str) -> str:
     # torch.compile evaluates this once while tracing and bakes the choice into the graph (the
     # device is guarded through the input tensors); eager calls it every time (cheap).
-    return resolve_impl(impl, torch.device(device_type))
+    return resolve_impl(impl, torch.device(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +330,7 @@ def ms_deform_attn(
     Returns:
         ``[B, Q, M*D]`` in ``value.dtype``.
     """
-    backend = _resolve_impl_constant(impl, value.device.type)
+    backend = _resolve_impl_constant(impl, str(value.device))
     if backend == "triton" or torch.jit.is_tracing():
         return _msda_op(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights,

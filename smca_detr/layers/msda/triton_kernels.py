@@ -30,7 +30,8 @@ Design
   - ``grad_value`` at the four corners ``+= w * corner_weight * g`` via relaxed ``tl.atomic_add``
     (several queries hit the same pixel) into a float32 (float64 for float64 inputs) buffer that
     the wrapper casts back to the value dtype (fp16/bf16 atomics would lose precision).
-* **Launch**: ``BLOCK_R * BLOCK_D`` is about 2048 (forward) / 1024 (backward, more live tiles)
+* **Launch** on the tensors' CUDA device (``on_device``), not on the current one.
+  ``BLOCK_R * BLOCK_D`` is about 2048 (forward) / 1024 (backward, more live tiles)
   elements, ``BLOCK_R`` is halved (down to 16) while the grid has fewer than 512 programs so that
   decoder-sized inputs (300 queries) still fill a large GPU; 4 warps (2 for small tiles).
 * Compared with the PyTorch path (per level: a transposed copy of ``value``, ``grid_sample`` into a
@@ -56,7 +57,10 @@ CUDA device.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import contextlib
+import inspect
+import os
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -67,6 +71,7 @@ __all__ = [
     "ms_deform_attn_triton_forward",
     "ms_deform_attn_triton_backward",
     "interpreter_enabled",
+    "missing_triton_features",
     "LAUNCH_COUNTS",
 ]
 
@@ -91,10 +96,39 @@ if _sum_combine is None:  # pragma: no cover - other triton versions
     _sum_combine = triton.jit(_sum_combine_fn)
 
 
+def missing_triton_features() -> List[str]:
+    """The Triton language features the kernels use that this triton lacks (empty when it can run
+    them): ``tl.static_range``, ``tl.reduce``, ``tl.full`` and ``tl.atomic_add(..., sem=)``.
+    ``triton.knobs`` (Triton >= 3.4) is optional (see ``interpreter_enabled``)."""
+    missing = [f"triton.language.{name}" for name in ("static_range", "reduce", "full", "atomic_add")
+               if not hasattr(tl, name)]
+    if hasattr(tl, "atomic_add"):
+        try:
+            has_sem = "sem" in inspect.signature(tl.atomic_add).parameters
+        except (TypeError, ValueError):  # pragma: no cover - not introspectable
+            has_sem = True
+        if not has_sem:
+            missing.append("triton.language.atomic_add(sem=...)")
+    return missing
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its interpreter: ``TRITON_INTERPRET=1`` in the
-    environment (read at call time) or ``triton.knobs.runtime.interpret`` set in code."""
-    return bool(triton.knobs.runtime.interpret)
+    environment (read at call time) or ``triton.knobs.runtime.interpret`` set in code. Triton
+    before 3.4 has no ``triton.knobs``: its ``triton.jit`` reads the environment variable, so that is
+    what counts there."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(device: torch.device):
+    """Context in which a Triton launch targets ``device``: Triton launches on the *current* CUDA
+    device, so tensors on ``cuda:1`` in a process whose current device is 0 need
+    ``torch.cuda.device(1)`` around the launch (a no-op context for CPU tensors, i.e. the
+    interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _msda_fwd_kernel(
@@ -345,11 +379,12 @@ def ms_deform_attn_triton_forward(
     QM = Q * M
     block_r, block_d, warps = _launch_config(QM, B, D, backward=False)
     grid = (triton.cdiv(QM, block_r), B)
-    _kernel("fwd")[grid](
-        value, shapes, starts, loc, attn, out, S, QM,
-        M=M, D=D, L=L, P=P, BLOCK_R=block_r, BLOCK_D=block_d,
-        ACC=_acc_dtype(value.dtype), IDX64=idx64, num_warps=warps,
-    )
+    with on_device(value.device):
+        _kernel("fwd")[grid](
+            value, shapes, starts, loc, attn, out, S, QM,
+            M=M, D=D, L=L, P=P, BLOCK_R=block_r, BLOCK_D=block_d,
+            ACC=_acc_dtype(value.dtype), IDX64=idx64, num_warps=warps,
+        )
     return out
 
 
@@ -376,10 +411,11 @@ def ms_deform_attn_triton_backward(
         grad_output = grad_output.to(value.device).contiguous()
         block_r, block_d, warps = _launch_config(QM, B, D, backward=True)
         grid = (triton.cdiv(QM, block_r), B)
-        _kernel("bwd")[grid](
-            grad_output, value, shapes, starts, loc, attn,
-            grad_value, grad_loc, grad_attn, S, QM,
-            M=M, D=D, L=L, P=P, BLOCK_R=block_r, BLOCK_D=block_d,
-            ACC=_acc_dtype(value.dtype), IDX64=idx64, num_warps=warps,
-        )
+        with on_device(value.device):
+            _kernel("bwd")[grid](
+                grad_output, value, shapes, starts, loc, attn,
+                grad_value, grad_loc, grad_attn, S, QM,
+                M=M, D=D, L=L, P=P, BLOCK_R=block_r, BLOCK_D=block_d,
+                ACC=_acc_dtype(value.dtype), IDX64=idx64, num_warps=warps,
+            )
     return grad_value.to(value.dtype), grad_loc, grad_attn

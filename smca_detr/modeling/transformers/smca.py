@@ -33,6 +33,7 @@ Deliberate differences from the official code (numerically identical for the off
 * Pre-norm (``PRE_NORM``) applies the same SMCA heads inside DETR's pre-norm layer layout; it is not
   covered by the official parity fixtures.
 """
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -45,7 +46,7 @@ from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLay
                      check_levels)
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
-           "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
+           "image_wh", "prior_in_float32", "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
 
 # Raw scale values k per Gaussian that ``point3`` predicts for each ``dynamic_scale`` type.
 SCALE_CHANNELS = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}
@@ -58,6 +59,37 @@ def scale_channels(dynamic_scale: str) -> int:
         raise ValueError(f"MODEL.SMCA_DETR.SMCA.DYNAMIC_SCALE must be one of {sorted(SCALE_CHANNELS)}, "
                          f"got {dynamic_scale!r}")
     return SCALE_CHANNELS[dynamic_scale]
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def image_wh(image_sizes, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes, on ``like``'s device
+    in float32 (float64 for float64 activations), never in the activation dtype: in bfloat16 a width
+    of 1333 would become 1336, in float16 sizes above 2048 are rounded."""
+    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes],
+                         dtype=_at_least_float32(like).dtype, device=like.device)
+    if hw.shape != (batch, 2):
+        raise ValueError(f"SMCA: need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
+    return hw.flip(-1)
+
+
+def prior_in_float32(method):
+    """Decorator of the SMCA prior methods ``(self, out, ref, image_wh, ...)`` (single and multi
+    scale): under autocast (bf16 / fp16) they run with autocast off and ``out``, the reference centre
+    and ``image_wh`` in float32, so that the heads ``point1..3``, the centres and the squared distances
+    (~1e3-1e6 feature pixels², beyond fp16's 65504 and bf16's 8-bit mantissa) are all float32; the
+    bias is returned in float32 (``make_attn_mask`` clamps it before casting to the query dtype)."""
+    @functools.wraps(method)
+    def run(self, out, ref, image_wh, *args, **kwargs):
+        if not torch.is_autocast_enabled(out.device.type):
+            return method(self, out, ref, image_wh, *args, **kwargs)
+        with torch.autocast(out.device.type, enabled=False):
+            return method(self, _at_least_float32(out), None if ref is None else _at_least_float32(ref),
+                          _at_least_float32(image_wh), *args, **kwargs)
+    return run
 
 
 def smca_gaussian_bias(centers: torch.Tensor, scales: Optional[torch.Tensor], grid_h: int, grid_w: int,
@@ -168,16 +200,13 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
         self.point2 = nn.Linear(d_model, 2 * self.num_gaussians)
         self.point3 = nn.Linear(d_model, self.k * self.num_gaussians) if self.k else None
 
+    @prior_in_float32
     def spatial_prior(self, out: torch.Tensor, ref_centers: Optional[torch.Tensor], image_wh: torch.Tensor,
                       stride: int, grid_hw, record: Optional[Dict] = None):
         """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``. ``image_wh [B,2]``: unpadded
         (w, h); ``stride``: feature stride; ``ref_centers [B,Q,2]``: layer 0's centre (None in layer 0).
-        Returns (bias ``[B,G,Q,HW]``, ref_centers ``[B,Q,2]``, ref_logit ``[B,Q,2]`` or None)."""
-        if torch.is_autocast_enabled(out.device.type):
-            # centres / distances need float32 (squared distances reach ~1e3-1e6 in feature pixels²)
-            with torch.autocast(out.device.type, enabled=False):
-                return self.spatial_prior(out.float(), None if ref_centers is None else ref_centers.float(),
-                                          image_wh.float(), stride, grid_hw, record)
+        Returns (bias ``[B,G,Q,HW]``, ref_centers ``[B,Q,2]``, ref_logit ``[B,Q,2]`` or None); float32
+        under autocast (``prior_in_float32``)."""
         b, q, _ = out.shape
         g = self.num_gaussians
         offsets = self.point2(out)
@@ -313,15 +342,6 @@ class SMCATransformer(nn.Module):
                 nn.init.zeros_(layer.point3.weight)
                 nn.init.ones_(layer.point3.bias)
 
-    @staticmethod
-    def _wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
-        """Unpadded ``(w, h)`` per image, ``[B,2]``, from detectron2's ``(h, w)`` image sizes."""
-        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
-        if hw.shape != (batch, 2):
-            raise ValueError(f"SMCATransformer: need one (h, w) image size per image, got {len(image_sizes)} "
-                             f"for a batch of {batch}")
-        return hw.flip(-1)
-
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
         # Without padding (e.g. one image) the mask changes nothing: skip it (no -inf fill, faster SDPA).
@@ -330,7 +350,7 @@ class SMCATransformer(nn.Module):
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        wh = self._wh(image_sizes, b, src.dtype, src.device)
+        wh = image_wh(image_sizes, b, src)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, stride=self.stride,
                                      grid_hw=tuple(int(x) for x in grid_hw), records=records)

@@ -185,7 +185,7 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         b = memory.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, memory.dtype, memory.device)
+        wh = image_wh(image_sizes, b, memory)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, mem_pos, query_pos, mem_mask, image_wh=wh,
                                      segments=self.segments(shapes), records=records)

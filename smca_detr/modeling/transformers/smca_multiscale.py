@@ -30,8 +30,8 @@ The paper's multi-scale model is not in any public code; this is our reading of 
   (the Gaussian still applied per level), no ``point4``.
 
 Shared pieces (used by both multi-scale transformers): ``segment_softmax`` (softmax within the
-segments of a concatenated key sequence, each segment's probabilities times a per-query weight;
-batched, no Python loop over heads or segments), ``MemorySegment``, ``MultiScaleSMCADecoderLayer``
+contiguous segments of a concatenated key sequence, each segment's probabilities times a per-query
+weight; a slice per segment, no scatter atomics, batched over heads and queries), ``MemorySegment``, ``MultiScaleSMCADecoderLayer``
 (subclass of the single-scale ``SMCADecoderLayer``, reusing ``smca_gaussian_bias``) and
 ``MultiScaleSMCADecoder``.
 """
@@ -47,7 +47,8 @@ from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
-from .smca import SMCADecoderLayer, mask_padded_keys, scale_channels, smca_gaussian_bias
+from .smca import (SMCADecoderLayer, image_wh, mask_padded_keys, prior_in_float32, scale_channels,
+                   smca_gaussian_bias)
 
 __all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
            "MultiScaleSMCADecoder", "image_wh", "validate_encoder_layout", "SMCAMultiScaleTransformer"]
@@ -78,52 +79,49 @@ class MemorySegment:
         return self.height * self.width
 
 
-def image_wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
-    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes."""
-    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
-    if hw.shape != (batch, 2):
-        raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
-    return hw.flip(-1)
-
-
-def segment_softmax(logits: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
+def segment_softmax(logits: torch.Tensor, sizes: Sequence[int],
                     segment_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax of ``logits [..., S]`` taken separately within each segment of the last dimension.
+    """Softmax of ``logits [..., S]`` taken separately within each contiguous segment of the last
+    dimension.
 
     Args:
         logits: attention logits (``-inf`` at masked keys).
-        segment_ids: ``[S]`` int64, the segment of every key (values in ``[0, num_segments)``).
-        num_segments: P.
+        sizes: P segment lengths (Python ints) summing to ``S``, in key order.
         segment_weights: optional ``[..., P]`` (broadcastable against ``logits[..., :1]``) per-segment
             multipliers of the probabilities (SMCA's scale-selection weights α).
 
     Returns ``[..., S]``: ``w_s · softmax_s(logits)`` on each segment ``s``. A segment whose keys are
-    all masked gets zero weight (instead of NaN). Batched: scatter/gather over segments, no loop.
+    all masked gets zero weight (instead of NaN). The segments are contiguous, so each is a slice
+    with its own max / sum: exact and deterministic (no scatter atomics), one small step per segment
+    (a handful of feature maps).
     """
-    shape = logits.shape[:-1] + (num_segments,)
-    idx = segment_ids.expand(logits.shape)
-    with torch.no_grad():  # the max only stabilises the exponent; softmax is invariant to it
-        mx = logits.new_full(shape, float("-inf")).scatter_reduce(-1, idx, logits, "amax")
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = (logits - mx.gather(-1, idx)).exp()
-    den = e.new_zeros(shape).scatter_add(-1, idx, e)
-    den = torch.where(den > 0, den, torch.ones_like(den))  # empty (fully masked) segment: weights 0, finite grads
-    ratio = den.reciprocal() if segment_weights is None else segment_weights / den
-    return e * ratio.gather(-1, idx)
+    sizes = [int(n) for n in sizes]
+    if sum(sizes) != logits.shape[-1]:
+        raise ValueError(f"segment sizes {sizes} sum to {sum(sizes)}, but there are {logits.shape[-1]} keys")
+    parts = []
+    for i, x in enumerate(logits.split(sizes, -1)):
+        with torch.no_grad():  # the max only stabilises the exponent; softmax is invariant to it
+            mx = x.amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        e = (x - mx).exp()
+        den = e.sum(-1, keepdim=True)
+        den = torch.where(den > 0, den, torch.ones_like(den))  # fully masked segment: weights 0, finite grads
+        ratio = den.reciprocal() if segment_weights is None else segment_weights[..., i:i + 1] / den
+        parts.append(e * ratio)
+    return torch.cat(parts, -1)
 
 
 def segmented_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
-                        segment_ids: torch.Tensor, num_segments: int, segment_weights: torch.Tensor,
-                        need_weights: bool = False):
+                        sizes: Sequence[int], segment_weights: torch.Tensor, need_weights: bool = False):
     """Multi-head attention (the shared ``MultiheadAttention``'s projections) whose softmax is taken
     within each key segment and weighted per segment: ``out_proj(Σ_s α_s softmax_s(QKᵀ/√d + mask) V)``.
 
-    attn_mask ``[B, 1|M, Q, S]`` additive (``-inf`` at padded keys, plus e.g. the Gaussian);
-    segment_weights ``[B, Q, P]``. Returns (output ``[B,Q,E]``, weights ``[B,M,Q,S]`` or None).
+    attn_mask ``[B, 1|M, Q, S]`` additive (``-inf`` at padded keys, plus e.g. the Gaussian); sizes:
+    the P segment lengths; segment_weights ``[B, Q, P]``. Returns (output ``[B,Q,E]``, weights ``[B,M,Q,S]`` or None).
     """
     q, k, v = attn.project(query, key, value)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + attn_mask
-    weights = segment_softmax(logits, segment_ids, num_segments, segment_weights[:, None])
+    weights = segment_softmax(logits, sizes, segment_weights[:, None])
     out = dropout(weights, attn.dropout, attn.training) @ v
     return attn.out_proj(out.transpose(1, 2).flatten(2)), (weights if need_weights else None)
 
@@ -150,13 +148,15 @@ class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
         self.point3 = nn.Linear(d_model, self.k * g * num_param_groups) if self.k else None
         self.point4 = nn.Linear(d_model, num_segments) if scale_selection else None
 
+    @prior_in_float32
     def multi_scale_prior(self, out: torch.Tensor, ref_px: Optional[torch.Tensor], image_wh: torch.Tensor,
                           segments: Sequence[MemorySegment], record: Optional[Dict] = None):
         """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``.
 
         ``ref_px [B,Q,2]``: layer 0's reference centre in image pixels ``(w, h)·sigmoid(point1)``
         (None in layer 0, which computes it). Returns (bias ``[B,G,Q,S]`` over the concatenated
-        segments, ref_px, reference logit ``[B,Q,2]`` or None).
+        segments, ref_px, reference logit ``[B,Q,2]`` or None); float32 under autocast
+        (``prior_in_float32``).
         """
         b, q, _ = out.shape
         g, p = self.num_gaussians, self.num_param_groups
@@ -187,16 +187,15 @@ class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
         """α ``[B,Q,P]`` = softmax(point4(out)), or None without scale selection."""
         return None if self.point4 is None else self.point4(out).softmax(-1)
 
-    def cross_attention(self, x, memory, pos, query_pos, attn_mask, alpha, segment_ids, need_weights):
+    def cross_attention(self, x, memory, pos, query_pos, attn_mask, alpha, segments, need_weights):
         if alpha is None:  # one softmax over every segment ("w/o SSA"): the shared SDPA path
             return self.multihead_attn(x + query_pos, memory + pos, memory, attn_bias=attn_mask,
                                        need_weights=need_weights)
         return segmented_attention(self.multihead_attn, x + query_pos, memory + pos, memory, attn_mask,
-                                   segment_ids, self.num_segments, alpha, need_weights)
+                                   [seg.size for seg in segments], alpha, need_weights)
 
     def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None, ref_px=None, *,
-                image_wh, segments: Sequence[MemorySegment], segment_ids: torch.Tensor,
-                record: Optional[Dict] = None):
+                image_wh, segments: Sequence[MemorySegment], record: Optional[Dict] = None):
         """tgt/query_pos ``[B,Q,d]``, memory/pos ``[B,S,d]``. Returns (tgt, ref_px, ref_logit)."""
         out = self.norm4(tgt + query_pos)
         bias, ref_px, ref_logit = self.multi_scale_prior(out, ref_px, image_wh, segments, record)
@@ -208,14 +207,13 @@ class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
             ca, w = self.cross_attention(self.norm2(tgt), memory, pos, query_pos, attn_mask, alpha,
-                                         segment_ids, need_weights)
+                                         segments, need_weights)
             tgt = tgt + self.dropout2(ca)
             tgt = tgt + self.dropout3(self.ffn(self.norm3(tgt)))
         else:
             qk = tgt + query_pos
             tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
-            ca, w = self.cross_attention(tgt, memory, pos, query_pos, attn_mask, alpha, segment_ids,
-                                         need_weights)
+            ca, w = self.cross_attention(tgt, memory, pos, query_pos, attn_mask, alpha, segments, need_weights)
             tgt = self.norm2(tgt + self.dropout2(ca))
             tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
         if record is not None:
@@ -242,13 +240,11 @@ class MultiScaleSMCADecoder(nn.Module):
         sizes = [s.size for s in segments]
         if sum(sizes) != memory.shape[1]:
             raise ValueError(f"memory has {memory.shape[1]} positions but the segments {sizes} sum to {sum(sizes)}")
-        segment_ids = torch.repeat_interleave(torch.arange(len(sizes), device=memory.device),
-                                              torch.as_tensor(sizes, device=memory.device))
         hs, ref_px, ref_logit = [], None, None
         for i, layer in enumerate(self.layers):
             rec = records[i] if records is not None else None
             tgt, ref_px, logit = layer(tgt, memory, pos, query_pos, memory_key_padding_mask, ref_px,
-                                       image_wh=image_wh, segments=segments, segment_ids=segment_ids, record=rec)
+                                       image_wh=image_wh, segments=segments, record=rec)
             if logit is not None:
                 ref_logit = logit
             hs.append(self.norm(tgt))
@@ -396,7 +392,7 @@ class SMCAMultiScaleTransformer(nn.Module):
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, src.dtype, src.device)
+        wh = image_wh(image_sizes, b, src)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, lvl_pos, query_pos, mask, image_wh=wh,
                                      segments=self.segments(shapes), records=records)
