@@ -1,0 +1,110 @@
+"""Official checkpoints and ImageNet backbones through ``MODEL.WEIGHTS`` (issue 22).
+
+* The class-remap invariant, for every official format the converter knows (SMCA single scale and
+  conv multi-scale, Conditional DETR, Deformable DETR plain / box refinement / two-stage): a
+  full-size official checkpoint (random weights, the full R50 backbone with non-trivial frozen-BN
+  statistics, saved as the official training scripts save it) loaded with the 80-class COCO remap
+  gives the same boxes as the same file loaded with all official class rows kept, and the same
+  logits in the mapped columns, on a 480x640 image, both loaded by ``build_model_from_config``.
+  Two-stage Deformable DETR also selects the same proposals (its encoder head's row 0 is an
+  objectness score, read by position).
+* A torchvision ResNet checkpoint as torchvision publishes it is converted on load: the backbone
+  then computes torchvision's features on the same image.
+"""
+import argparse
+import logging
+import math
+
+import pytest
+import torch
+
+from parity_common import deformable_official_listing, official_key_listing
+from smca_detr import model_zoo
+from smca_detr.checkpoint import coco_official_columns
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# format -> (config, official key listing (file or Deformable DETR variant), official args)
+FORMATS = {
+    "smca_single_scale": ("smca_r50", "smca_official_keys_single_scale_r50_type3.txt",
+                          dict(dynamic_scale="type3", num_queries=300)),
+    "smca_conv_multi_scale": ("smca_r50_conv_ms", "smca_official_keys_multi_scale_r50_type3.txt",
+                              dict(dynamic_scale="type3", num_queries=300, enc_layers=5, dim_feedforward=1024)),
+    "conditional_detr": ("conditional_detr_r50", "conditional_detr_full_model_keys.txt", dict(num_queries=300)),
+    "deformable_plain": ("deformable_detr_r50", "plain", dict(with_box_refine=False, two_stage=False)),
+    "deformable_refine": ("deformable_detr_r50_refine", "box_refine", dict(with_box_refine=True, two_stage=False)),
+    "deformable_two_stage": ("deformable_detr_r50_two_stage", "two_stage", dict(with_box_refine=True, two_stage=True)),
+}
+HEIGHT, WIDTH = 480, 640
+
+
+def official_listing(listing):
+    """(key -> shape, tied key groups) of a full-size official model."""
+    if listing.endswith(".txt"):
+        return official_key_listing(listing), []
+    return deformable_official_listing()[listing]
+
+
+def random_official_state_dict(keys, tied, seed=0):
+    """Random official weights at a scale that keeps activations finite through the full model:
+    matrices N(0, 1/fan_in), norm scales 1 + N(0, 0.1), biases N(0, 0.1), frozen-BN statistics
+    mean N(0, 0.1) and variance U(0.5, 1.5). Tied keys (one official parameter) share values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in keys.items():
+        if k.endswith("running_var"):
+            v = 0.5 + torch.rand(shape, generator=g)
+        elif len(shape) >= 2:
+            v = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif k.endswith("weight"):
+            v = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:  # biases, running_mean
+            v = 0.1 * torch.randn(shape, generator=g)
+        sd[k] = v
+    for group in tied:
+        for k in group[1:]:
+            sd[k] = sd[group[0]].clone()
+    return sd
+
+
+def raw_outputs(model, image):
+    """Every decoder layer's logits / boxes (and two-stage encoder outputs) of ``model`` on one image,
+    through the model's own preprocessing and backbone."""
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        features, masks = model.backbone(images.tensor, images.image_sizes)
+        return model.forward_features(features, masks, images.image_sizes)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_class_remap_keeps_boxes_and_mapped_logits(fmt, tmp_path, caplog):
+    config, listing, args = FORMATS[fmt]
+    keys, tied = official_listing(listing)
+    sd = random_official_state_dict(keys, tied)
+    rows = sd["class_embed.bias" if "class_embed.bias" in sd else "class_embed.0.bias"].shape[0]
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(**args), "epoch": 49}, path)
+    del sd
+
+    image = torch.randint(0, 256, (3, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(1)).float()
+    with caplog.at_level(logging.INFO):
+        remapped = model_zoo.build_model_from_config(config, weights=str(path))
+    out_80 = raw_outputs(remapped, image)
+    del remapped
+    kept = model_zoo.build_model_from_config(config, weights=str(path),
+                                             opts=["MODEL.SMCA_DETR.NUM_CLASSES", rows])
+    out_all = raw_outputs(kept, image)
+    del kept
+
+    cols = coco_official_columns()
+    assert out_80["pred_logits"].shape[-1] == 80 and out_all["pred_logits"].shape[-1] == rows
+    torch.testing.assert_close(out_80["pred_boxes"], out_all["pred_boxes"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_80["pred_logits"], out_all["pred_logits"][..., cols], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out_80["pred_logits"]).all() and out_80["pred_boxes"].std() > 1e-3
+    if fmt == "deformable_two_stage":
+        # the proposals are chosen by the encoder head's row 0 (objectness), not by a class row
+        assert torch.equal(out_80["extras"]["topk_proposals"], out_all["extras"]["topk_proposals"])
+        torch.testing.assert_close(out_80["enc_outputs"]["pred_logits"][..., 0],
+                                   out_all["enc_outputs"]["pred_logits"][..., 0], rtol=1e-5, atol=1e-5)
+        assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text
+    assert f"class head remapped {rows} -> 80 COCO rows" in caplog.text
