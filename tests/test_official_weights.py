@@ -108,3 +108,65 @@ def test_class_remap_keeps_boxes_and_mapped_logits(fmt, tmp_path, caplog):
                                    out_all["enc_outputs"]["pred_logits"][..., 0], rtol=1e-5, atol=1e-5)
         assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text
     assert f"class head remapped {rows} -> 80 COCO rows" in caplog.text
+
+
+# ------------------------------------------------------------------------ torchvision ImageNet backbones
+def random_torchvision_resnet(depth, seed=0):
+    """A torchvision ResNet with random weights and non-trivial BatchNorm statistics, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize("config,depth", [("deformable_detr_r50", 50), ("detr_r101", 101)])
+def test_torchvision_resnet_checkpoint_gives_torchvision_features(config, depth, tmp_path, caplog):
+    net = random_torchvision_resnet(depth)
+    path = tmp_path / f"resnet{depth}-0123abcd.pth"  # a plain state dict, as torchvision publishes it
+    torch.save(net.state_dict(), path)
+    with caplog.at_level(logging.INFO):
+        model = model_zoo.build_model_from_config(config, weights=str(path))
+    assert "torchvision ResNet checkpoint" in caplog.text
+
+    image = torch.randint(0, 256, (3, 96, 128), generator=torch.Generator().manual_seed(2)).float()
+    ours = model.preprocess_image([{"image": image}]).tensor
+    # torchvision's ImageNet input: RGB in [0, 1], normalised with its mean / std
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    theirs = ((image / 255.0 - mean) / std)[None]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    body = model.backbone.body
+    with torch.no_grad():
+        x = body.stem(theirs)
+        y = net.maxpool(net.relu(net.bn1(net.conv1(theirs))))
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        for name, stage, layer in zip(body.stage_names, body.stages, (net.layer1, net.layer2, net.layer3, net.layer4)):
+            x, y = stage(x), layer(y)
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * float(y.abs().max()), msg=name)
+    assert float(y.std()) > 1e-3
+
+
+def test_every_resnet_config_names_torchvision_imagenet_weights_of_its_depth():
+    """Every R50 / R101 config starts from torchvision's ImageNet ResNet of its depth (detectron2's copy
+    of R-50, or the file torchvision publishes, converted on load) with torchvision's input format."""
+    cfgs = {n: model_zoo.get_config(n) for n in model_zoo.list_configs()}
+    cfgs = {n: c for n, c in cfgs.items() if c.MODEL.RESNETS.DEPTH in (50, 101)}
+    assert len(cfgs) >= 20
+    for name, cfg in cfgs.items():
+        depth, weights = cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.WEIGHTS
+        ok = weights == "detectron2://ImageNetPretrained/torchvision/R-50.pkl" if depth == 50 else False
+        ok = ok or weights.startswith(f"https://download.pytorch.org/models/resnet{depth}-")
+        assert ok and model_zoo.is_imagenet_backbone(weights), (name, depth, weights)
+        assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1, name
+        assert [round(v, 3) for v in cfg.MODEL.PIXEL_MEAN] == [123.675, 116.28, 103.53], name
+        assert [round(v, 3) for v in cfg.MODEL.PIXEL_STD] == [58.395, 57.12, 57.375], name
