@@ -170,3 +170,20 @@ def test_every_resnet_config_names_torchvision_imagenet_weights_of_its_depth():
         assert cfg.INPUT.FORMAT == "RGB" and not cfg.MODEL.RESNETS.STRIDE_IN_1X1, name
         assert [round(v, 3) for v in cfg.MODEL.PIXEL_MEAN] == [123.675, 116.28, 103.53], name
         assert [round(v, 3) for v in cfg.MODEL.PIXEL_STD] == [58.395, 57.12, 57.375], name
+
+
+def test_torchvision_resnet101_initialises_the_dcn_config(tmp_path):
+    """The DCN backbone takes the plain ResNet-101's weights; its offsets (which an ImageNet ResNet does
+    not have) keep their zero initialisation, i.e. start as plain convolutions."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet101(weights=None)
+    path = tmp_path / "resnet101-0123abcd.pth"
+    torch.save(net.state_dict(), path)
+    model = model_zoo.build_model_from_config("deformable_detr_r101_dcn", weights=str(path))
+    sd = model.state_dict()
+    offsets = [k for k in sd if ".conv2_offset." in k]
+    assert offsets and all(float(sd[k].abs().max()) == 0.0 for k in offsets)
+    assert torch.equal(sd["backbone.body.res5.2.conv2.weight"], net.layer4[2].conv2.weight)
+    assert torch.equal(sd["backbone.body.res4.22.conv1.norm.running_var"], net.layer3[22].bn1.running_var)

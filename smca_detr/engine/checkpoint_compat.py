@@ -20,7 +20,8 @@ initialised without stopping anything. Policy here:
   not loaded, ONE warning naming the keys and both class counts; everything else is loaded.
 * backbone initialisation: a checkpoint whose keys are all ``backbone.*``, or a model-zoo file
   loaded with detectron2's name-matching heuristics (``matching_heuristics``, e.g. ImageNet
-  ``R-50.pkl``): the parameters outside the backbone are missing by design (one info line); every
+  ``R-50.pkl``, a torchvision ``resnet50-*.pth``): the parameters outside the backbone are missing by
+  design (one info line), and so are the zero-initialised offsets of a DCN backbone; every other
   backbone parameter must be loaded.
 * anything else -- missing keys, unexpected keys, other shape mismatches -- raises
   :class:`CheckpointMismatchError` naming the file and the keys (with shapes). Missing
@@ -47,6 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CLASS_HEAD = re.compile(r"^heads\.class_embed(\.\d+)?\.(weight|bias)$")
+_DCN_OFFSET = re.compile(r"\.conv2_offset\.(weight|bias)$")  # detectron2's DeformBottleneckBlock
 
 # (module, name) a detectron2 / Caffe2 model-zoo pickle may reference: numpy arrays and plain data.
 SAFE_PICKLE_GLOBALS = frozenset({
@@ -186,8 +188,10 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     from_scratch = []
     if backbone_init:
-        from_scratch = [k for k in missing if not k.startswith("backbone.")]
-        missing = [k for k in missing if k.startswith("backbone.")]
+        # outside the backbone, and the offsets of deformable convolutions (DCN, zero-initialised:
+        # a plain convolution) an ImageNet ResNet does not have
+        from_scratch = [k for k in missing if not k.startswith("backbone.") or _DCN_OFFSET.search(k)]
+        missing = [k for k in missing if k not in set(from_scratch)]
     unexpected = list(incompatible.unexpected_keys)
 
     problems = []
@@ -212,7 +216,7 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
             f"keep their initialisation: {_fmt(sorted(skipped_keys))}. All other weights were loaded.")
     if from_scratch:
         logger.info(f"Checkpoint {source} initialises the backbone only; {len(from_scratch)} tensors outside "
-                    "the backbone keep their initialisation.")
+                    "the backbone (or DCN offsets) keep their initialisation.")
     if tolerated:
         logger.info(f"Checkpoint {source} has no BatchNorm num_batches_tracked counters ({len(tolerated)}); "
                     "they keep their initial value.")
