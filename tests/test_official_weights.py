@@ -187,3 +187,50 @@ def test_torchvision_resnet101_initialises_the_dcn_config(tmp_path):
     assert offsets and all(float(sd[k].abs().max()) == 0.0 for k in offsets)
     assert torch.equal(sd["backbone.body.res5.2.conv2.weight"], net.layer4[2].conv2.weight)
     assert torch.equal(sd["backbone.body.res4.22.conv1.norm.running_var"], net.layer3[22].bn1.running_var)
+
+
+# ------------------------------------------------------ class heads skipped (fine-tuning on another dataset)
+def test_official_two_stage_class_heads_skipped_keep_the_objectness_row(caplog):
+    """20 classes (not COCO): the class heads keep the model's initialisation, but the class-agnostic
+    encoder head keeps the official first rows (row 0 = objectness), and the warning says so."""
+    from smca_detr.checkpoint.deformable import convert_official_deformable_detr
+    from smca_detr.checkpoint.official import convert_official_checkpoint
+
+    keys, tied = deformable_official_listing()["two_stage"]
+    sd = random_official_state_dict(keys, tied)
+    full = convert_official_deformable_detr(sd, keep_all_classes=True)
+    # the state dict of a 20-class model: the official one, class heads re-initialised
+    model_sd = {k: (torch.zeros(20, *v.shape[1:]) if k.startswith("heads.class_embed.") else v)
+                for k, v in full.items()}
+    with caplog.at_level(logging.INFO):
+        converted, info = convert_official_checkpoint({"model": sd}, model_sd)
+    assert info["class_head"] == "skipped"
+    for i in range(6):
+        assert torch.equal(converted[f"heads.class_embed.{i}.bias"], model_sd[f"heads.class_embed.{i}.bias"])
+    assert torch.equal(converted["heads.class_embed.6.weight"], sd["class_embed.6.weight"][:20])
+    assert torch.equal(converted["heads.class_embed.6.bias"], sd["class_embed.6.bias"][:20])
+    assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text
+
+
+def test_own_two_stage_checkpoint_for_another_class_count_keeps_the_objectness_row(tmp_path, caplog):
+    """The same for our own checkpoints (class heads of another class count are skipped by the
+    checkpointer): the encoder head's first rows are loaded."""
+    small = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.SMCA_DETR.HIDDEN_DIM", 64,
+             "MODEL.SMCA_DETR.DIM_FEEDFORWARD", 64, "MODEL.SMCA_DETR.ENC_LAYERS", 1,
+             "MODEL.SMCA_DETR.DEC_LAYERS", 2, "MODEL.SMCA_DETR.NUM_QUERIES", 20,
+             "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS", 20]
+    torch.manual_seed(0)
+    coco = model_zoo.build_model_from_config("deformable_detr_r50_two_stage", opts=small)
+    saved = {k: v + torch.randn_like(v) if k.startswith("heads.class_embed.") else v
+             for k, v in coco.state_dict().items()}
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": saved, "iteration": 10}, path)
+    with caplog.at_level(logging.INFO):
+        model = model_zoo.build_model_from_config("deformable_detr_r50_two_stage", weights=str(path),
+                                                  opts=small + ["MODEL.SMCA_DETR.NUM_CLASSES", 20])
+    got = model.state_dict()
+    assert torch.equal(got["heads.class_embed.2.bias"], saved["heads.class_embed.2.bias"][:20])
+    assert torch.equal(got["heads.class_embed.2.weight"], saved["heads.class_embed.2.weight"][:20])
+    prior = coco.state_dict()["heads.class_embed.0.bias"][0]  # focal prior: the initialisation
+    assert torch.equal(got["heads.class_embed.0.bias"], torch.full((20,), float(prior)))
+    assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text

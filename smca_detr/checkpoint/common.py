@@ -3,13 +3,13 @@ backbone renames (torchvision ResNet -> detectron2 ResNet, also for torchvision'
 checkpoints) and COCO class-row remapping (which leaves class-agnostic heads alone)."""
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
-           "objectness_head_keys", "convert_backbone", "apply_renames", "is_torchvision_resnet",
-           "convert_torchvision_resnet"]
+           "objectness_head_keys", "objectness_head_note", "convert_backbone", "apply_renames",
+           "is_torchvision_resnet", "convert_torchvision_resnet"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
 _PER_LAYER_CLASS_HEAD = re.compile(r"^heads\.class_embed\.(\d+)\.(weight|bias)$")
@@ -92,6 +92,20 @@ def apply_renames(state_dict: Dict[str, torch.Tensor], rules) -> "OrderedDict[st
     out.update(convert_backbone(state_dict))
     return out
 
+
+def objectness_head_note(keys: Sequence[str], class_head: str, ckpt_rows: int, model_rows: int) -> str:
+    """The log sentence saying what a ``"remapped"`` / ``"skipped"`` class head means for the
+    two-stage encoder head ``keys`` (:func:`objectness_head_keys`; empty string when there is none):
+    it keeps its first ``model_rows`` rows when the checkpoint has that many."""
+    if not keys:
+        return ""
+    what = ("The two-stage encoder class head (" + ", ".join(sorted(keys)) + ") is class-agnostic: its "
+            "row 0 is the objectness score that selects the proposals")
+    if model_rows > ckpt_rows:
+        return (f" {what}; it cannot be loaded either ({ckpt_rows} rows for {model_rows}), so the proposals "
+                "are chosen by an untrained score until training trains it.")
+    return (f" {what}; it is not {class_head} but keeps its first {model_rows} rows (row 0 stays row 0), "
+            "so the proposals are the checkpoint's.")
 
 def is_torchvision_resnet(state_dict) -> bool:
     """A ResNet state dict as torchvision publishes it (``resnet50-0676ba61.pth``,

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
-                     objectness_head_keys, remap_class_rows)
+                     objectness_head_keys, objectness_head_note, remap_class_rows)
 
 __all__ = [
     "OfficialFormat",
@@ -281,7 +281,7 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
             f"Official {fmt.title} checkpoint: class head NOT loaded (checkpoint has {ckpt_rows} class rows, "
             f"the model {model_rows} for MODEL.SMCA_DETR.NUM_CLASSES={n_model}); it keeps its initialisation, "
             "as for fine-tuning on a dataset other than COCO. Everything else is loaded."
-            + _two_stage_note(agnostic, "skipped", ckpt_rows, model_rows))
+            + objectness_head_note(agnostic, "skipped", ckpt_rows, model_rows))
 
     # ---- strict check against the model
     ignore = ("num_batches_tracked",)
@@ -313,23 +313,10 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
                 "kept": f"class head kept ({ckpt_rows} rows)", "absent": "no class head",
                 "skipped": "class head skipped"}[class_head]
     if class_head == "remapped":
-        head_msg += _two_stage_note(agnostic, class_head, ckpt_rows, model_rows)
+        head_msg += objectness_head_note(agnostic, class_head, ckpt_rows, model_rows)
     log.info(f"Detected an official {fmt.title} checkpoint ({detail}); converted {len(sd)} keys to "
              f"{len(converted)} smca_detr keys; {head_msg}.")
     return converted, info
-
-
-def _two_stage_note(agnostic: Sequence[str], class_head: str, ckpt_rows: int, model_rows: int) -> str:
-    """What a remapped / skipped class head means for the two-stage encoder head (empty without one)."""
-    if not agnostic:
-        return ""
-    what = ("The two-stage encoder class head (" + ", ".join(sorted(agnostic)) + ") is class-agnostic: its "
-            "row 0 is the objectness score that selects the proposals")
-    if class_head == "skipped" and model_rows > ckpt_rows:
-        return (f" {what}; it cannot be loaded either ({ckpt_rows} rows for {model_rows}), so the proposals "
-                "are chosen by an untrained score until training trains it.")
-    return (f" {what}; it is not {class_head} but keeps its first {model_rows} official rows (row 0 stays "
-            "row 0), so the proposals are the checkpoint's.")
 
 
 def _model_softmax(model: torch.nn.Module) -> bool:

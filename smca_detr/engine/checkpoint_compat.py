@@ -162,6 +162,15 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
     backbone_init = bool(checkpoint.get("matching_heuristics", False)) or (
         bool(ckpt_keys) and all(k.startswith("backbone.") for k in ckpt_keys))
 
+    # the two-stage encoder head is class-agnostic: kept (first rows) even when the class heads are skipped
+    from smca_detr.checkpoint.common import objectness_head_keys, objectness_head_note
+
+    agnostic_keys = set(objectness_head_keys(checkpointer.model.state_dict()))
+    objectness = {}
+    for k, v in checkpoint.get("model", {}).items():
+        name = k[len("module."):] if k.startswith("module.") else k
+        if name in agnostic_keys:
+            objectness[name] = v
     incompatible = base_load(checkpoint)
     if incompatible is None:
         return None
@@ -210,10 +219,17 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
 
     if class_skipped:
         key, shape_ckpt, shape_model = class_skipped[0]
+        agnostic = sorted(k for k in skipped_keys if k in objectness)
+        if agnostic and shape_ckpt[0] >= shape_model[0]:
+            state = model.state_dict()
+            with torch.no_grad():
+                for k in agnostic:
+                    state[k].copy_(torch.as_tensor(objectness[k])[:shape_model[0]])
         logger.warning(
             f"Checkpoint {source}: its class head has {_num_classes(shape_ckpt[0], focal)} but the model "
             f"has {_num_classes(shape_model[0], focal)} (MODEL.SMCA_DETR.NUM_CLASSES); not loaded, they "
-            f"keep their initialisation: {_fmt(sorted(skipped_keys))}. All other weights were loaded.")
+            f"keep their initialisation: {_fmt(sorted(skipped_keys - set(agnostic)))}. All other weights "
+            "were loaded." + objectness_head_note(agnostic, "skipped", shape_ckpt[0], shape_model[0]))
     if from_scratch:
         logger.info(f"Checkpoint {source} initialises the backbone only; {len(from_scratch)} tensors outside "
                     "the backbone (or DCN offsets) keep their initialisation.")
