@@ -2,8 +2,9 @@
 
 * The class-remap invariant, for every official format the converter knows (SMCA single scale and
   conv multi-scale, Conditional DETR, Deformable DETR plain / box refinement / two-stage): a
-  full-size official checkpoint (random weights, the full R50 backbone with non-trivial frozen-BN
-  statistics, saved as the official training scripts save it) loaded with the 80-class COCO remap
+  official checkpoint (random weights, the full R50 backbone with non-trivial frozen-BN statistics,
+  the official layout with 2 encoder and 2 decoder layers, saved as the official training scripts
+  save it) loaded with the 80-class COCO remap
   gives the same boxes as the same file loaded with all official class rows kept, and the same
   logits in the mapped columns, on a 480x640 image, both loaded by ``build_model_from_config``.
   Two-stage Deformable DETR also selects the same proposals (its encoder head's row 0 is an
@@ -14,6 +15,7 @@
 import argparse
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -36,6 +38,11 @@ FORMATS = {
     "deformable_two_stage": ("deformable_detr_r50_two_stage", "two_stage", dict(with_box_refine=True, two_stage=True)),
 }
 HEIGHT, WIDTH = 480, 640
+# Encoder / decoder depth of the checkpoints under test (the official models have 5-6 of each): the
+# deeper layers are more of the same modules and only cost time; both loads get the same overrides.
+ENC_LAYERS, DEC_LAYERS = 2, 2
+_LAYER = re.compile(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.")
+_HEAD = re.compile(r"^((?:transformer\.decoder\.)?(?:class|bbox)_embed)\.(\d+)\.(.*)$")
 
 
 def official_listing(listing):
@@ -67,40 +74,82 @@ def random_official_state_dict(keys, tied, seed=0):
     return sd
 
 
-def raw_outputs(model, image):
+def keep_layers(sd, args, enc=ENC_LAYERS, dec=DEC_LAYERS):
+    """The official checkpoint of the same model with ``enc`` encoder and ``dec`` decoder layers: the
+    layers beyond are dropped, and so are their per-layer heads (Deformable DETR); the two-stage
+    encoder head, the one after the decoder heads, moves to index ``dec``."""
+    full_dec = 1 + max(int(m.group(2)) for m in map(_LAYER.match, sd) if m and m.group(1) == "decoder")
+    out = {}
+    for k, v in sd.items():
+        m = _LAYER.match(k)
+        if m and int(m.group(2)) >= (enc if m.group(1) == "encoder" else dec):
+            continue
+        m = _HEAD.match(k)
+        if m and int(m.group(2)) >= dec:
+            if int(m.group(2)) != full_dec:
+                continue
+            k = f"{m.group(1)}.{dec}.{m.group(3)}"
+        out[k] = v
+    return out, {**args, "enc_layers": enc, "dec_layers": dec}
+
+
+def raw_outputs(model, image, targets):
     """Every decoder layer's logits / boxes (and two-stage encoder outputs) of ``model`` on one image,
-    through the model's own preprocessing and backbone."""
+    through the model's own preprocessing and backbone, and its criterion's matcher indices and box
+    losses for ``targets``."""
     with torch.no_grad():
         images = model.preprocess_image([{"image": image}])
         features, masks = model.backbone(images.tensor, images.image_sizes)
-        return model.forward_features(features, masks, images.image_sizes)
+        out = model.forward_features(features, masks, images.image_sizes)
+        losses, indices = model.criterion.compute(out, targets)
+    return out, {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou"))}, indices
+
+
+def sorted_indices(indices):
+    """Matcher indices per layer and image, ordered by query."""
+    out = {}
+    for layer, per_image in indices.items():
+        out[layer] = [(q[torch.argsort(q)], t[torch.argsort(q)]) for q, t in per_image]
+    return out
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_class_remap_keeps_boxes_and_mapped_logits(fmt, tmp_path, caplog):
     config, listing, args = FORMATS[fmt]
     keys, tied = official_listing(listing)
-    sd = random_official_state_dict(keys, tied)
+    sd, args = keep_layers(random_official_state_dict(keys, tied), args)
     rows = sd["class_embed.bias" if "class_embed.bias" in sd else "class_embed.0.bias"].shape[0]
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": sd, "args": argparse.Namespace(**args), "epoch": 49}, path)
+    depth = ["MODEL.SMCA_DETR.ENC_LAYERS", ENC_LAYERS, "MODEL.SMCA_DETR.DEC_LAYERS", DEC_LAYERS]
     del sd
-
-    image = torch.randint(0, 256, (3, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(1)).float()
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, HEIGHT, WIDTH), generator=g).float()
+    cols = coco_official_columns()
+    # the same 6 objects, labelled by contiguous COCO class / by official category id
+    labels = torch.randint(0, 80, (6,), generator=g)
+    boxes = torch.cat([0.2 + 0.6 * torch.rand(6, 2, generator=g), 0.05 + 0.3 * torch.rand(6, 2, generator=g)], 1)
     with caplog.at_level(logging.INFO):
-        remapped = model_zoo.build_model_from_config(config, weights=str(path))
-    out_80 = raw_outputs(remapped, image)
+        remapped = model_zoo.build_model_from_config(config, weights=str(path), opts=depth)
+    out_80, losses_80, indices_80 = raw_outputs(remapped, image, [{"labels": labels, "boxes": boxes}])
     del remapped
     kept = model_zoo.build_model_from_config(config, weights=str(path),
-                                             opts=["MODEL.SMCA_DETR.NUM_CLASSES", rows])
-    out_all = raw_outputs(kept, image)
+                                             opts=depth + ["MODEL.SMCA_DETR.NUM_CLASSES", rows])
+    official_labels = torch.as_tensor(cols)[labels]
+    out_all, losses_all, indices_all = raw_outputs(kept, image, [{"labels": official_labels, "boxes": boxes}])
     del kept
 
-    cols = coco_official_columns()
     assert out_80["pred_logits"].shape[-1] == 80 and out_all["pred_logits"].shape[-1] == rows
     torch.testing.assert_close(out_80["pred_boxes"], out_all["pred_boxes"], rtol=0, atol=1e-5)
     torch.testing.assert_close(out_80["pred_logits"], out_all["pred_logits"][..., cols], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out_80["pred_logits"]).all() and out_80["pred_boxes"].std() > 1e-3
+    # the criterion reads the class heads by label (and the two-stage encoder head by row 0): the same
+    # queries are matched to the same objects, with the same box losses
+    assert sorted_indices(indices_80).keys() == sorted_indices(indices_all).keys()
+    for layer, per_image in sorted_indices(indices_80).items():
+        for (q, t), (q_all, t_all) in zip(per_image, sorted_indices(indices_all)[layer]):
+            assert torch.equal(q, q_all) and torch.equal(t, t_all), layer
+    torch.testing.assert_close(losses_80, losses_all, rtol=1e-5, atol=1e-6)
     if fmt == "deformable_two_stage":
         # the proposals are chosen by the encoder head's row 0 (objectness), not by a class row
         assert torch.equal(out_80["extras"]["topk_proposals"], out_all["extras"]["topk_proposals"])
