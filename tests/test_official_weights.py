@@ -24,7 +24,7 @@ from parity_common import deformable_official_listing, official_key_listing
 from smca_detr import model_zoo
 from smca_detr.checkpoint import coco_official_columns
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "propagate_logs")  # conftest.py
 
 # format -> (config, official key listing (file or Deformable DETR variant), official args)
 FORMATS = {
