@@ -239,9 +239,11 @@ def test_torchvision_resnet101_initialises_the_dcn_config(tmp_path):
 
 
 # ------------------------------------------------------ class heads skipped (fine-tuning on another dataset)
-def test_official_two_stage_class_heads_skipped_keep_the_objectness_row(caplog):
-    """20 classes (not COCO): the class heads keep the model's initialisation, but the class-agnostic
-    encoder head keeps the official first rows (row 0 = objectness), and the warning says so."""
+@pytest.mark.parametrize("classes", [20, 100])
+def test_official_two_stage_class_heads_skipped_keep_the_objectness_row(classes, caplog):
+    """Another class count: the class heads keep the model's initialisation, but the class-agnostic
+    encoder head keeps the official first rows (row 0 = objectness; with more rows than the
+    checkpoint's, the rest keep the model's), and the warning says so."""
     from smca_detr.checkpoint.deformable import convert_official_deformable_detr
     from smca_detr.checkpoint.official import convert_official_checkpoint
 
@@ -249,15 +251,17 @@ def test_official_two_stage_class_heads_skipped_keep_the_objectness_row(caplog):
     sd = random_official_state_dict(keys, tied)
     full = convert_official_deformable_detr(sd, keep_all_classes=True)
     # the state dict of a 20-class model: the official one, class heads re-initialised
-    model_sd = {k: (torch.zeros(20, *v.shape[1:]) if k.startswith("heads.class_embed.") else v)
+    model_sd = {k: (torch.full((classes, *v.shape[1:]), -4.6) if k.startswith("heads.class_embed.") else v)
                 for k, v in full.items()}
     with caplog.at_level(logging.INFO):
         converted, info = convert_official_checkpoint({"model": sd}, model_sd)
     assert info["class_head"] == "skipped"
     for i in range(6):
         assert torch.equal(converted[f"heads.class_embed.{i}.bias"], model_sd[f"heads.class_embed.{i}.bias"])
-    assert torch.equal(converted["heads.class_embed.6.weight"], sd["class_embed.6.weight"][:20])
-    assert torch.equal(converted["heads.class_embed.6.bias"], sd["class_embed.6.bias"][:20])
+    n = min(classes, 91)
+    for p in ("weight", "bias"):
+        assert torch.equal(converted[f"heads.class_embed.6.{p}"][:n], sd[f"class_embed.6.{p}"][:n])
+        assert torch.equal(converted[f"heads.class_embed.6.{p}"][n:], model_sd[f"heads.class_embed.6.{p}"][n:])
     assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text
 
 

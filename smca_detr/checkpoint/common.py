@@ -8,7 +8,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
-           "objectness_head_keys", "objectness_head_note", "convert_backbone", "apply_renames",
+           "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone", "apply_renames",
            "is_torchvision_resnet", "convert_torchvision_resnet"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
@@ -95,17 +95,20 @@ def apply_renames(state_dict: Dict[str, torch.Tensor], rules) -> "OrderedDict[st
 
 def objectness_head_note(keys: Sequence[str], class_head: str, ckpt_rows: int, model_rows: int) -> str:
     """The log sentence saying what a ``"remapped"`` / ``"skipped"`` class head means for the
-    two-stage encoder head ``keys`` (:func:`objectness_head_keys`; empty string when there is none):
-    it keeps its first ``model_rows`` rows when the checkpoint has that many."""
+    two-stage encoder head ``keys`` (:func:`objectness_head_keys`; empty string when there is none)."""
     if not keys:
         return ""
-    what = ("The two-stage encoder class head (" + ", ".join(sorted(keys)) + ") is class-agnostic: its "
-            "row 0 is the objectness score that selects the proposals")
-    if model_rows > ckpt_rows:
-        return (f" {what}; it cannot be loaded either ({ckpt_rows} rows for {model_rows}), so the proposals "
-                "are chosen by an untrained score until training trains it.")
-    return (f" {what}; it is not {class_head} but keeps its first {model_rows} rows (row 0 stays row 0), "
-            "so the proposals are the checkpoint's.")
+    return (f" The two-stage encoder class head ({', '.join(sorted(keys))}) is class-agnostic: its row 0 is "
+            f"the objectness score that selects the proposals; it is not {class_head} but keeps the "
+            f"checkpoint's first {min(ckpt_rows, model_rows)} rows (row 0 stays row 0), so the proposals are "
+            "the checkpoint's.")
+
+
+def objectness_rows(checkpoint_tensor: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
+    """The two-stage encoder head's tensor for a model of another class count: the checkpoint's
+    first rows (as many as both have; row 0 is the objectness score), the model's own beyond."""
+    n = min(len(checkpoint_tensor), len(model_tensor))
+    return torch.cat([checkpoint_tensor[:n], model_tensor[n:].to(checkpoint_tensor)]).clone()
 
 def is_torchvision_resnet(state_dict) -> bool:
     """A ResNet state dict as torchvision publishes it (``resnet50-0676ba61.pth``,

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
-                     objectness_head_keys, objectness_head_note, remap_class_rows)
+                     objectness_head_keys, objectness_head_note, objectness_rows, remap_class_rows)
 
 __all__ = [
     "OfficialFormat",
@@ -269,8 +269,8 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
         class_head = "remapped"
     else:
         for k in class_keys:
-            if k in agnostic and model_rows <= ckpt_rows:
-                converted[k] = converted[k][:model_rows].clone()
+            if k in agnostic and k in model_state_dict:
+                converted[k] = objectness_rows(converted[k], model_state_dict[k])
             elif k in model_state_dict:
                 converted[k] = model_state_dict[k]
             else:
@@ -312,10 +312,9 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     head_msg = {"remapped": f"class head remapped {ckpt_rows} -> {model_rows} COCO rows",
                 "kept": f"class head kept ({ckpt_rows} rows)", "absent": "no class head",
                 "skipped": "class head skipped"}[class_head]
-    if class_head == "remapped":
-        head_msg += objectness_head_note(agnostic, class_head, ckpt_rows, model_rows)
+    note = objectness_head_note(agnostic, class_head, ckpt_rows, model_rows) if class_head == "remapped" else ""
     log.info(f"Detected an official {fmt.title} checkpoint ({detail}); converted {len(sd)} keys to "
-             f"{len(converted)} smca_detr keys; {head_msg}.")
+             f"{len(converted)} smca_detr keys; {head_msg}." + note)
     return converted, info
 
 

@@ -163,7 +163,7 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
         bool(ckpt_keys) and all(k.startswith("backbone.") for k in ckpt_keys))
 
     # the two-stage encoder head is class-agnostic: kept (first rows) even when the class heads are skipped
-    from smca_detr.checkpoint.common import objectness_head_keys, objectness_head_note
+    from smca_detr.checkpoint.common import objectness_head_keys, objectness_head_note, objectness_rows
 
     agnostic_keys = set(objectness_head_keys(checkpointer.model.state_dict()))
     objectness = {}
@@ -220,11 +220,10 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
     if class_skipped:
         key, shape_ckpt, shape_model = class_skipped[0]
         agnostic = sorted(k for k in skipped_keys if k in objectness)
-        if agnostic and shape_ckpt[0] >= shape_model[0]:
-            state = model.state_dict()
-            with torch.no_grad():
-                for k in agnostic:
-                    state[k].copy_(torch.as_tensor(objectness[k])[:shape_model[0]])
+        state = model.state_dict()
+        with torch.no_grad():
+            for k in agnostic:
+                state[k].copy_(objectness_rows(torch.as_tensor(objectness[k]), state[k]))
         logger.warning(
             f"Checkpoint {source}: its class head has {_num_classes(shape_ckpt[0], focal)} but the model "
             f"has {_num_classes(shape_model[0], focal)} (MODEL.SMCA_DETR.NUM_CLASSES); not loaded, they "
