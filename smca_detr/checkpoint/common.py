@@ -8,8 +8,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
-           "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone", "apply_renames",
-           "is_torchvision_resnet", "convert_torchvision_resnet"]
+           "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone",
+           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
 _PER_LAYER_CLASS_HEAD = re.compile(r"^heads\.class_embed\.(\d+)\.(weight|bias)$")
@@ -109,6 +109,7 @@ def objectness_rows(checkpoint_tensor: torch.Tensor, model_tensor: torch.Tensor)
     first rows (as many as both have; row 0 is the objectness score), the model's own beyond."""
     n = min(len(checkpoint_tensor), len(model_tensor))
     return torch.cat([checkpoint_tensor[:n], model_tensor[n:].to(checkpoint_tensor)]).clone()
+
 
 def is_torchvision_resnet(state_dict) -> bool:
     """A ResNet state dict as torchvision publishes it (``resnet50-0676ba61.pth``,
