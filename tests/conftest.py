@@ -31,3 +31,13 @@ def tools_on_path():
     sys.path.insert(0, path)
     yield
     sys.path.remove(path)
+
+
+@pytest.fixture
+def propagate_logs(monkeypatch):
+    """Log records of fvcore / detectron2 / smca_detr reach ``caplog`` (detectron2's setup_logger,
+    run by an earlier test of the session, turns their propagation off)."""
+    import logging
+
+    for name in ("fvcore", "detectron2", "smca_detr"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)

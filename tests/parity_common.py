@@ -12,9 +12,12 @@ levels (``use_stub_backbone`` for SMCA; ``use_level_backbone`` for Conditional /
 levels from the fixture's strides and channels taken as given). The parity runs bypass it
 (``forward_from_features``).
 """
+import ast
 import functools
 import importlib
 import os
+import re
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -283,3 +286,47 @@ def assert_topk_close(scores, labels, boxes, ref, dtype=torch.float32):
         assert torch.equal(labels[b][ok].cpu().long(), ref["labels"][b][ok].long()), f"labels image {b}"
         torch.testing.assert_close(boxes[b][ok], ref["boxes"][b][ok].to(boxes.dtype), atol=t["atol"] * 1e3,
                                    rtol=t["rtol"])
+
+
+# ----------------------------------------------------------------------- official key listings (keys/)
+def official_key_listing(name: str) -> "OrderedDict[str, tuple]":
+    """``key -> shape`` of the official full-size state dict listed in ``keys/<name>`` (lines
+    ``key<TAB>shape[<TAB>dtype]``; a key listed again in a later section is not repeated)."""
+    path = parity_dir() / "keys" / name
+    if not path.exists():
+        pytest.skip(f"no {path}")
+    out = OrderedDict()
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split("\t")[:2]
+            out.setdefault(key, tuple(int(x) for x in re.findall(r"\d+", shape)))
+    return out
+
+
+def deformable_official_listing():
+    """``{variant: (OrderedDict key -> shape, tied groups)}`` of the full-size official Deformable
+    DETR models: the plain listing, then box_refine / two_stage as differences to it."""
+    path = parity_dir() / "keys" / "deformable_detr_full_model_keys.txt"
+    if not path.exists():
+        pytest.skip(f"no {path}")
+    variants, current = {}, None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^# (plain|box_refine|two_stage): (\d+) state_dict entries", line)
+        if m:
+            name = m.group(1)
+            base = {} if name == "plain" else dict(variants["plain"][0])
+            variants[name] = [base, [], int(m.group(2))]
+            current = variants[name]
+            continue
+        if line.startswith("# tied"):
+            current[1] = ast.literal_eval(line.split(":", 1)[1].strip())
+        elif line.startswith("# vs plain: removed"):
+            removed = ast.literal_eval(re.search(r"removed (\[.*?\]);", line).group(1))
+            for k in removed:
+                del current[0][k]
+        elif line.strip() and not line.startswith("#"):
+            key, shape = line.split("\t")[:2]
+            current[0][key] = tuple(int(x) for x in re.findall(r"\d+", shape))
+    for name, (keys, _, n) in variants.items():
+        assert len(keys) == n, (name, len(keys), n)
+    return {k: (v[0], v[1]) for k, v in variants.items()}

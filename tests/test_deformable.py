@@ -3,7 +3,6 @@ configs (recipe, build, one CPU training step each; the DCN config's CPU error),
 extra-level masks, the conversion CLI. Numerical parity with the official code is in
 test_parity_deformable.py."""
 import argparse
-import ast
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 
-from parity_common import assert_convert_cli_roundtrip, parity_dir
+from parity_common import assert_convert_cli_roundtrip, deformable_official_listing as official_listing
 from smca_detr.checkpoint import coco_official_columns
 from smca_detr.checkpoint.deformable import convert_official_deformable_detr, official_layout
 from smca_detr.engine.optimizer import build_optimizer
@@ -24,42 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("tools_on_path")  # conftest.py: the conversion CLI
 CONFIG_DIR = REPO / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("deformable_detr_*.yaml"))
-KEYS_FILE = "deformable_detr_full_model_keys.txt"
 COCO_TRAIN_IMAGES = 118287
 VARIANT_CONFIG = {"plain": "deformable_detr_r50.yaml", "box_refine": "deformable_detr_r50_refine.yaml",
                   "two_stage": "deformable_detr_r50_two_stage.yaml"}
 
 
 # ------------------------------------------------------------------------------------ key listing
-def official_listing():
-    """``{variant: (OrderedDict key -> shape, tied groups)}`` of the full-size official models: the
-    plain listing, then box_refine / two_stage as differences to it (README section 8)."""
-    path = parity_dir() / "keys" / KEYS_FILE
-    if not path.exists():
-        pytest.skip(f"no {path}")
-    variants, current = {}, None
-    for line in path.read_text().splitlines():
-        m = re.match(r"^# (plain|box_refine|two_stage): (\d+) state_dict entries", line)
-        if m:
-            name = m.group(1)
-            base = {} if name == "plain" else dict(variants["plain"][0])
-            variants[name] = [base, [], int(m.group(2))]
-            current = variants[name]
-            continue
-        if line.startswith("# tied"):
-            current[1] = ast.literal_eval(line.split(":", 1)[1].strip())
-        elif line.startswith("# vs plain: removed"):
-            removed = ast.literal_eval(re.search(r"removed (\[.*?\]);", line).group(1))
-            for k in removed:
-                del current[0][k]
-        elif line.strip() and not line.startswith("#"):
-            key, shape = line.split("\t")[:2]
-            current[0][key] = tuple(int(x) for x in re.findall(r"\d+", shape))
-    for name, (keys, _, n) in variants.items():
-        assert len(keys) == n, (name, len(keys), n)
-    return {k: (v[0], v[1]) for k, v in variants.items()}
-
-
 @pytest.fixture(scope="module")
 def listing():
     return official_listing()
@@ -117,7 +86,9 @@ def test_full_size_official_keys_load_strictly(listing, variant):
         assert model.heads.num_sets == n_sets
         for i in range(n_sets):
             assert got[f"heads.bbox_embed.{i}.layers.1.weight"][0, 0] == idx[f"bbox_embed.{i}.layers.1.weight"]
-            assert torch.equal(got[f"heads.class_embed.{i}.bias"], cols)
+            # the two-stage encoder head (i = 6) is class-agnostic (row 0: objectness): first rows kept
+            expected = torch.arange(80, dtype=torch.float32) if i == 6 else cols
+            assert torch.equal(got[f"heads.class_embed.{i}.bias"], expected)
     if variant == "two_stage":
         for k in ("enc_output.weight", "enc_output_norm.bias", "pos_trans.weight", "pos_trans_norm.weight"):
             assert got["transformer." + k].flatten()[0] == idx["transformer." + k]

@@ -1,5 +1,6 @@
 """Checkpoint loading and conversion of official SMCA / Conditional / Deformable DETR weights."""
-from .common import coco_official_columns, convert_backbone, remap_class_rows, rename_official_backbone_key
+from .common import (coco_official_columns, convert_backbone, convert_torchvision_resnet, is_torchvision_resnet,
+                     objectness_head_keys, remap_class_rows, rename_official_backbone_key)
 from .safe_load import UnsafeCheckpointError, safe_torch_load
 
 __all__ = [
@@ -9,4 +10,7 @@ __all__ = [
     "convert_backbone",
     "coco_official_columns",
     "remap_class_rows",
+    "objectness_head_keys",
+    "is_torchvision_resnet",
+    "convert_torchvision_resnet",
 ]

@@ -1,15 +1,20 @@
 """Conversion pieces shared by the official SMCA / Conditional / Deformable DETR converters:
-backbone renames (torchvision ResNet -> detectron2 ResNet) and COCO class-row remapping."""
+backbone renames (torchvision ResNet -> detectron2 ResNet, also for torchvision's own ImageNet
+checkpoints) and COCO class-row remapping (which leaves class-agnostic heads alone)."""
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
-           "convert_backbone", "apply_renames"]
+           "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone",
+           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
+_PER_LAYER_CLASS_HEAD = re.compile(r"^heads\.class_embed\.(\d+)\.(weight|bias)$")
+_TORCHVISION_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
+_TORCHVISION_RESNET_MARKERS = ("conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "fc.weight")
 
 
 def rename_official_backbone_key(key: str) -> Optional[str]:
@@ -43,13 +48,32 @@ def coco_official_columns() -> List[int]:
     return [c["id"] for c in COCO_CATEGORIES if c["isthing"] == 1]
 
 
+def objectness_head_keys(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Our keys of a class head that is read by position instead of per class: the encoder head of
+    two-stage Deformable DETR (the last per-layer class head, ``heads.class_embed.<DEC_LAYERS>``, in a
+    state dict with ``transformer.enc_output.*``). It is trained class-agnostically (every target is
+    labelled 0) and its row 0 is the objectness score that selects the proposals
+    (``topk(enc_logits[..., 0])``), so its rows are no classes and must not be remapped."""
+    if not any(k.startswith("transformer.enc_output.") for k in state_dict):
+        return []
+    layers = [int(m.group(1)) for m in map(_PER_LAYER_CLASS_HEAD.match, state_dict) if m]
+    if not layers:
+        return []
+    keys = [f"heads.class_embed.{max(layers)}.{p}" for p in ("weight", "bias")]
+    return [k for k in keys if k in state_dict]
+
+
 def remap_class_rows(state_dict: Dict[str, torch.Tensor], keys: Iterable[str],
                      columns: List[int]) -> None:
-    """Keep only ``columns`` (in that order) of the class-head weight/bias tensors ``keys``."""
+    """Keep only ``columns`` (in that order) of the class-head weight/bias tensors ``keys``. A
+    class-agnostic head among them (:func:`objectness_head_keys`) keeps its first ``len(columns)``
+    rows instead: its row 0, the objectness score, stays row 0."""
     index = torch.as_tensor(columns, dtype=torch.long)
+    agnostic = set(objectness_head_keys(state_dict))
     for k in keys:
         if k in state_dict:
-            state_dict[k] = state_dict[k].index_select(0, index).clone()
+            rows = torch.arange(len(columns)) if k in agnostic else index
+            state_dict[k] = state_dict[k].index_select(0, rows).clone()
 
 
 def apply_renames(state_dict: Dict[str, torch.Tensor], rules) -> "OrderedDict[str, torch.Tensor]":
@@ -67,3 +91,37 @@ def apply_renames(state_dict: Dict[str, torch.Tensor], rules) -> "OrderedDict[st
             raise KeyError(f"official checkpoint key {k!r} has no conversion rule")
     out.update(convert_backbone(state_dict))
     return out
+
+
+def objectness_head_note(keys: Sequence[str], class_head: str, ckpt_rows: int, model_rows: int) -> str:
+    """The log sentence saying what a ``"remapped"`` / ``"skipped"`` class head means for the
+    two-stage encoder head ``keys`` (:func:`objectness_head_keys`; empty string when there is none)."""
+    if not keys:
+        return ""
+    return (f" The two-stage encoder class head ({', '.join(sorted(keys))}) is class-agnostic: its row 0 is "
+            f"the objectness score that selects the proposals; it is not {class_head} but keeps the "
+            f"checkpoint's first {min(ckpt_rows, model_rows)} rows (row 0 stays row 0), so the proposals are "
+            "the checkpoint's.")
+
+
+def objectness_rows(checkpoint_tensor: torch.Tensor, model_tensor: torch.Tensor) -> torch.Tensor:
+    """The two-stage encoder head's tensor for a model of another class count: the checkpoint's
+    first rows (as many as both have; row 0 is the objectness score), the model's own beyond."""
+    n = min(len(checkpoint_tensor), len(model_tensor))
+    return torch.cat([checkpoint_tensor[:n], model_tensor[n:].to(checkpoint_tensor)]).clone()
+
+
+def is_torchvision_resnet(state_dict) -> bool:
+    """A ResNet state dict as torchvision publishes it (``resnet50-0676ba61.pth``,
+    ``resnet101-63fe2227.pth``, or ``torchvision.models.resnet50().state_dict()``): top-level
+    ``conv1`` / ``bn1`` / ``layer1..4`` / ``fc`` keys and nothing else."""
+    return (all(k in state_dict for k in _TORCHVISION_RESNET_MARKERS)
+            and all(isinstance(k, str) and _TORCHVISION_RESNET_KEY.match(k) for k in state_dict))
+
+
+def convert_torchvision_resnet(state_dict: Dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """A torchvision ResNet state dict -> our ``backbone.body.*`` (detectron2 ResNet names, BatchNorm
+    -> FrozenBN ``norm``), the ImageNet classifier ``fc`` dropped: the same renames as the backbone of
+    the official detector checkpoints (:func:`rename_official_backbone_key`)."""
+    return convert_backbone(OrderedDict(("backbone.0.body." + k, v) for k, v in state_dict.items()
+                                        if not k.startswith("fc.")))

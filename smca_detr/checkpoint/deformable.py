@@ -17,7 +17,9 @@ Official layout -> ours:
 
 Class rows: the official heads have 91 columns (COCO category ids 0..90); by default only the 80
 COCO classes are kept, in detectron2's contiguous order. ``keep_all_classes=True`` keeps every
-column (a model with ``NUM_CLASSES`` = the official column count, e.g. the parity fixtures).
+column (a model with ``NUM_CLASSES`` = the official column count, e.g. the parity fixtures). The
+two-stage encoder head (``class_embed.<DEC_LAYERS>``) is class-agnostic, its row 0 the objectness
+score that selects the proposals: it keeps its first rows instead (``remap_class_rows``).
 """
 import re
 from collections import OrderedDict

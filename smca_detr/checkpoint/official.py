@@ -27,6 +27,14 @@ Class head (the official heads have one row per COCO category id, 91 or 92):
 * anything else (fine-tuning on another dataset): the class head is **not** loaded, the model keeps
   its initialisation, and ONE warning says so.
 
+The encoder class head of two-stage Deformable DETR is no class head: it is trained
+class-agnostically and its row 0 is the objectness score that selects the proposals. It is never
+remapped: it keeps its first rows (row 0 stays row 0) whether the class heads are remapped or
+skipped, so a converted model chooses the official proposals (``common.objectness_head_keys``).
+
+A ResNet checkpoint as torchvision publishes it (``resnet50-*.pth`` / ``resnet101-*.pth``: the
+ImageNet backbone of the training recipes) is converted too: to ``backbone.body.*`` (fc dropped).
+
 Everything else is strict: a converted key the model lacks, a model key the checkpoint lacks or a
 shape mismatch raises ``OfficialCheckpointError`` (the official model and the config disagree).
 """
@@ -38,7 +46,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .common import coco_official_columns
+from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
+                     objectness_head_keys, objectness_head_note, objectness_rows, remap_class_rows)
 
 __all__ = [
     "OfficialFormat",
@@ -249,19 +258,20 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     model_rows = _class_rows(model_state_dict)
     ckpt_rows = _class_rows(converted)
     class_keys = [k for k in converted if k.startswith(CLASS_HEAD_PREFIX)]
+    agnostic = objectness_head_keys(converted)  # two-stage encoder head: row 0 = objectness
     if ckpt_rows is None or model_rows is None:
         class_head = "absent"
     elif ckpt_rows == model_rows:
         class_head = "kept"
     elif (not softmax and _model_is_coco(model_rows, softmax, thing_classes)
           and ckpt_rows > max(coco_official_columns())):
-        index = torch.as_tensor(coco_official_columns(), dtype=torch.long)
-        for k in class_keys:
-            converted[k] = converted[k].index_select(0, index).clone()
+        remap_class_rows(converted, class_keys, coco_official_columns())
         class_head = "remapped"
     else:
         for k in class_keys:
-            if k in model_state_dict:
+            if k in agnostic and k in model_state_dict:
+                converted[k] = objectness_rows(converted[k], model_state_dict[k])
+            elif k in model_state_dict:
                 converted[k] = model_state_dict[k]
             else:
                 del converted[k]
@@ -270,7 +280,8 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
         log.warning(
             f"Official {fmt.title} checkpoint: class head NOT loaded (checkpoint has {ckpt_rows} class rows, "
             f"the model {model_rows} for MODEL.SMCA_DETR.NUM_CLASSES={n_model}); it keeps its initialisation, "
-            "as for fine-tuning on a dataset other than COCO. Everything else is loaded.")
+            "as for fine-tuning on a dataset other than COCO. Everything else is loaded."
+            + objectness_head_note(agnostic, "skipped", ckpt_rows, model_rows))
 
     # ---- strict check against the model
     ignore = ("num_batches_tracked",)
@@ -301,8 +312,9 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     head_msg = {"remapped": f"class head remapped {ckpt_rows} -> {model_rows} COCO rows",
                 "kept": f"class head kept ({ckpt_rows} rows)", "absent": "no class head",
                 "skipped": "class head skipped"}[class_head]
+    note = objectness_head_note(agnostic, class_head, ckpt_rows, model_rows) if class_head == "remapped" else ""
     log.info(f"Detected an official {fmt.title} checkpoint ({detail}); converted {len(sd)} keys to "
-             f"{len(converted)} smca_detr keys; {head_msg}.")
+             f"{len(converted)} smca_detr keys; {head_msg}." + note)
     return converted, info
 
 
@@ -313,7 +325,16 @@ def _model_softmax(model: torch.nn.Module) -> bool:
 def convert_if_official(checkpoint, model: torch.nn.Module, *, thing_classes: Optional[Sequence[str]] = None,
                         log: Optional[logging.Logger] = None):
     """The checkpointer hook: an official checkpoint becomes ``{"model": converted}`` (its optimizer,
-    scheduler and args are dropped); anything else is returned unchanged."""
+    scheduler and args are dropped); a torchvision ResNet checkpoint (ImageNet backbone) becomes
+    ``{"model": backbone.body.* keys}``; anything else is returned unchanged."""
+    sd = official_state_dict(checkpoint)
+    if sd is not None and is_torchvision_resnet(sd):
+        converted = convert_torchvision_resnet(sd)
+        (log or logger).info(
+            f"Detected a torchvision ResNet checkpoint (ImageNet backbone): converted {len(sd)} keys to "
+            f"{len(converted)} backbone.body.* keys (detectron2 ResNet names, FrozenBN; fc dropped); the "
+            "rest of the model keeps its initialisation.")
+        return {"model": converted, "__official_format__": "torchvision_resnet"}
     fmt = detect_official_format(checkpoint)
     if fmt is None:
         return checkpoint

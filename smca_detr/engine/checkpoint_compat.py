@@ -20,7 +20,8 @@ initialised without stopping anything. Policy here:
   not loaded, ONE warning naming the keys and both class counts; everything else is loaded.
 * backbone initialisation: a checkpoint whose keys are all ``backbone.*``, or a model-zoo file
   loaded with detectron2's name-matching heuristics (``matching_heuristics``, e.g. ImageNet
-  ``R-50.pkl``): the parameters outside the backbone are missing by design (one info line); every
+  ``R-50.pkl``, a torchvision ``resnet50-*.pth``): the parameters outside the backbone are missing by
+  design (one info line), and so are the zero-initialised offsets of a DCN backbone; every other
   backbone parameter must be loaded.
 * anything else -- missing keys, unexpected keys, other shape mismatches -- raises
   :class:`CheckpointMismatchError` naming the file and the keys (with shapes). Missing
@@ -47,6 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CLASS_HEAD = re.compile(r"^heads\.class_embed(\.\d+)?\.(weight|bias)$")
+_DCN_OFFSET = re.compile(r"\.conv2_offset\.(weight|bias)$")  # detectron2's DeformBottleneckBlock
 
 # (module, name) a detectron2 / Caffe2 model-zoo pickle may reference: numpy arrays and plain data.
 SAFE_PICKLE_GLOBALS = frozenset({
@@ -160,6 +162,15 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
     backbone_init = bool(checkpoint.get("matching_heuristics", False)) or (
         bool(ckpt_keys) and all(k.startswith("backbone.") for k in ckpt_keys))
 
+    # the two-stage encoder head is class-agnostic: kept (first rows) even when the class heads are skipped
+    from smca_detr.checkpoint.common import objectness_head_keys, objectness_head_note, objectness_rows
+
+    agnostic_keys = set(objectness_head_keys(checkpointer.model.state_dict()))
+    objectness = {}
+    for k, v in checkpoint.get("model", {}).items():
+        name = k[len("module."):] if k.startswith("module.") else k
+        if name in agnostic_keys:
+            objectness[name] = v
     incompatible = base_load(checkpoint)
     if incompatible is None:
         return None
@@ -186,8 +197,10 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     from_scratch = []
     if backbone_init:
-        from_scratch = [k for k in missing if not k.startswith("backbone.")]
-        missing = [k for k in missing if k.startswith("backbone.")]
+        # outside the backbone, and the offsets of deformable convolutions (DCN, zero-initialised:
+        # a plain convolution) an ImageNet ResNet does not have
+        from_scratch = [k for k in missing if not k.startswith("backbone.") or _DCN_OFFSET.search(k)]
+        missing = [k for k in missing if k not in set(from_scratch)]
     unexpected = list(incompatible.unexpected_keys)
 
     problems = []
@@ -206,13 +219,19 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
 
     if class_skipped:
         key, shape_ckpt, shape_model = class_skipped[0]
+        agnostic = sorted(k for k in skipped_keys if k in objectness)
+        state = model.state_dict()
+        with torch.no_grad():
+            for k in agnostic:
+                state[k].copy_(objectness_rows(torch.as_tensor(objectness[k]), state[k]))
         logger.warning(
             f"Checkpoint {source}: its class head has {_num_classes(shape_ckpt[0], focal)} but the model "
             f"has {_num_classes(shape_model[0], focal)} (MODEL.SMCA_DETR.NUM_CLASSES); not loaded, they "
-            f"keep their initialisation: {_fmt(sorted(skipped_keys))}. All other weights were loaded.")
+            f"keep their initialisation: {_fmt(sorted(skipped_keys - set(agnostic)))}. All other weights "
+            "were loaded." + objectness_head_note(agnostic, "skipped", shape_ckpt[0], shape_model[0]))
     if from_scratch:
         logger.info(f"Checkpoint {source} initialises the backbone only; {len(from_scratch)} tensors outside "
-                    "the backbone keep their initialisation.")
+                    "the backbone (or DCN offsets) keep their initialisation.")
     if tolerated:
         logger.info(f"Checkpoint {source} has no BatchNorm num_batches_tracked counters ({len(tolerated)}); "
                     "they keep their initial value.")

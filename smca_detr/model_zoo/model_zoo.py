@@ -13,6 +13,7 @@ Configs are found in the package (``smca_detr/model_zoo/configs``, a link to the
 next to the package (a source checkout).
 """
 import os
+import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["list_configs", "get_config_file", "get_config", "inference_config", "build_model_from_config",
-           "dataset_thing_classes", "dataset_metadata", "load_weights", "Predictor"]
+           "dataset_thing_classes", "dataset_metadata", "is_imagenet_backbone", "load_weights", "Predictor"]
 
 _MARKER = "Base-DETR.yaml"  # a configs/ directory is ours when it has this file
 
@@ -88,11 +89,17 @@ def inference_config(name: str, opts: Sequence = ()):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         log.info("CUDA is not available: running on CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
-    if "ImageNetPretrained" in cfg.MODEL.WEIGHTS:
+    if is_imagenet_backbone(cfg.MODEL.WEIGHTS):
         log.warning(f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS} is the ImageNet backbone of the training recipe: the "
                     "detector itself is untrained. Pass MODEL.WEIGHTS <checkpoint> (e.g. --opts MODEL.WEIGHTS ...).")
     cfg.freeze()
     return cfg
+
+
+def is_imagenet_backbone(weights: str) -> bool:
+    """Whether ``weights`` names an ImageNet backbone of the training recipes: detectron2's
+    ``ImageNetPretrained/...`` or a torchvision ``resnet<depth>-<hash>.pth`` (path or URL)."""
+    return "ImageNetPretrained" in weights or bool(re.search(r"(^|/)resnet\d+-[0-9a-f]+\.pth$", weights))
 
 
 def dataset_metadata(cfg):
@@ -119,8 +126,9 @@ def dataset_thing_classes(cfg) -> Optional[List[str]]:
 
 
 def load_weights(model: torch.nn.Module, weights: str, cfg=None) -> dict:
-    """Load ``weights`` (our checkpoint, a detectron2 one, or an official SMCA / Conditional /
-    Deformable DETR checkpoint; local path or URL) into ``model`` with ``SmcaDetrCheckpointer``.
+    """Load ``weights`` (our checkpoint, a detectron2 one, an official SMCA / Conditional /
+    Deformable DETR checkpoint or a torchvision ResNet; local path or URL) into ``model`` with
+    ``SmcaDetrCheckpointer``.
     Returns what the checkpointer returns (``"__official_format__"`` names a converted format)."""
     from ..engine.checkpointer import SmcaDetrCheckpointer
 
