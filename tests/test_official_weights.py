@@ -270,8 +270,7 @@ def test_own_two_stage_checkpoint_for_another_class_count_keeps_the_objectness_r
     checkpointer): the encoder head's first rows are loaded."""
     small = ["MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.SMCA_DETR.HIDDEN_DIM", 64,
              "MODEL.SMCA_DETR.DIM_FEEDFORWARD", 64, "MODEL.SMCA_DETR.ENC_LAYERS", 1,
-             "MODEL.SMCA_DETR.DEC_LAYERS", 2, "MODEL.SMCA_DETR.NUM_QUERIES", 20,
-             "MODEL.SMCA_DETR.DEFORMABLE.TWO_STAGE_NUM_PROPOSALS", 20]
+             "MODEL.SMCA_DETR.DEC_LAYERS", 2, "MODEL.SMCA_DETR.NUM_QUERIES", 20]
     torch.manual_seed(0)
     coco = model_zoo.build_model_from_config("deformable_detr_r50_two_stage", opts=small)
     saved = {k: v + torch.randn_like(v) if k.startswith("heads.class_embed.") else v
