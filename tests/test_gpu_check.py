@@ -62,7 +62,7 @@ def test_dry_run_on_cpu(tmp_path):
     (tn,) = sec["train_net"]["rows"]
     assert tn["iterations"] == 2 and "error" not in tn, (tn, res.get("train_net_tail"))
     assert 0 <= tn["AP"] <= 100 and tn["train_s"] > 0 and tn["eval_s"] > 0
-    assert tn["syncs_per_iter_first"] is None  # counted on CUDA only
+    assert tn["syncs_per_iter_first"] is None and res["train_net_syncs"] == [None, None]  # counted on CUDA only
     md = (out / "gpu_check.md").read_text()
     for part in ("(dry run)", "## msda", "## models", "| deformable_detr_r50 | train batch 2 | fp32 |", "## train_net"):
         assert part in md, (part, md)

@@ -348,7 +348,7 @@ def section_train_net(ctx, budget):
     if os.path.exists(result_file):
         with open(result_file) as f:
             child = json.load(f)
-        syncs = child["syncs_per_iteration"]
+        syncs = ctx["train_net_syncs"] = child["syncs_per_iteration"]  # the full list goes into the JSON
         row.update(train_s=child["train_seconds"], eval_s=child["eval_seconds"],
                    syncs_per_iter_first=syncs[0] if syncs and syncs[0] is not None else None,
                    syncs_per_iter_max_after_first=max(syncs[1:]) if len(syncs) > 1 and syncs[1] is not None else None,
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
             rows = [{"error": f"{type(e).__name__}: {e}"[:300]}]
         results["sections"][name] = {"seconds": time.perf_counter() - t0, "limit_s": limit, "rows": rows}
         print(markdown_table(rows), flush=True)
-    for key in ("pytest_tail", "train_net_tail"):
+    for key in ("pytest_tail", "train_net_tail", "train_net_syncs"):
         if ctx.get(key):
             results[key] = ctx[key]
     results["seconds"] = time.perf_counter() - t_start
