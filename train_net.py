@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 import smca_detr  # noqa: F401  (registers the meta-architecture, transformers and datasets)
 from smca_detr.engine import SmcaDetrCheckpointer, Trainer, launch, setup
+from smca_detr.engine.preflight import check_or_exit
 from smca_detr.engine.report import eval_only_report
 
 __all__ = ["main", "cli", "setup"]
@@ -36,6 +37,7 @@ def main(args):
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
+    check_or_exit(args)  # no CUDA GPU / no dataset files: one line each and exit 2, not a traceback
     return launch(
         main,
         args.num_gpus,

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import itertools
 import os
+import sys
 import types
 
 import numpy as np
@@ -448,9 +449,26 @@ def test_train_net_eval_only_returns_coco_metrics(tiny_dataset, tmp_path, monkey
     assert all(np.isfinite(v) or np.isnan(v) for v in res["bbox"].values())
     assert os.path.isfile(out / "inference" / "coco_instances_results.json")
     assert os.path.isfile(out / "config.yaml")  # default_setup ran
-    assert captured["use_fast_impl"] is (has_fast_coco_eval()) and has_fast_coco_eval() is False
+    # the compiled COCOeval where detectron2 was built with its ops (main from source), else the Python one
+    assert captured["use_fast_impl"] is has_fast_coco_eval()
     for k, v in ref.state_dict().items():  # MODEL.WEIGHTS was loaded into the evaluated model
         assert torch.equal(captured["model"].state_dict()[k], v), k
+
+
+def test_has_fast_coco_eval_follows_the_compiled_ops(monkeypatch):
+    import detectron2
+
+    monkeypatch.delattr(detectron2, "_C", raising=False)  # `from detectron2 import _C` reads sys.modules
+    for module, expected in ((types.ModuleType("detectron2._C"), False),  # compiled without COCOeval
+                             (None, False)):  # no _C at all (ImportError)
+        monkeypatch.setitem(sys.modules, "detectron2._C", module)
+        assert has_fast_coco_eval() is expected
+    fast = types.ModuleType("detectron2._C")
+    fast.COCOevalEvaluateImages = fast.InstanceAnnotation = object()
+    monkeypatch.setitem(sys.modules, "detectron2._C", fast)
+    assert has_fast_coco_eval() is True
+    fast.__smca_detr_placeholder__ = True  # the placeholder tools/install_detectron2.py writes
+    assert has_fast_coco_eval() is False
 
 
 def _launch_probe(out_dir):

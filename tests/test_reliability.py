@@ -350,6 +350,9 @@ def test_weights_not_matching_the_model_are_errors_naming_the_keys(tmp_path, tin
     wide = dict(sd, **{"heads.class_embed.weight": torch.zeros(4, 16)})
     with pytest.raises(CheckpointMismatchError, match=r"heads\.class_embed\.weight: \(4, 16\) vs \(4, 32\)"):
         ckpt.load(_save(tmp_path, "wide.pth", wide))
+    # the failed loads left the checkpointer usable (detectron2 main keeps per-load state in it)
+    ckpt.load(_save(tmp_path, "same.pth", sd))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
     # a matching checkpoint loads silently and completely
     fresh = build(make_cfg(), seed=4)

@@ -102,6 +102,17 @@ class SmcaDetrCheckpointer(DetectionCheckpointer):
         path = os.path.join(_local(self.save_dir), "last_checkpoint")
         atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
 
+    def load(self, path: str, *args: Any, **kwargs: Any):
+        try:
+            return super().load(path, *args, **kwargs)
+        except BaseException:
+            # detectron2 main's DetectionCheckpointer.load sets _parsed_url_during_load and asserts it
+            # is None on entry, but only resets it on success: a failed load (e.g. a
+            # CheckpointMismatchError) would make every later load of this checkpointer fail
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None
+            raise
+
     def _load_file(self, filename: str):
         self._smca_source = filename  # named in checkpoint_compat's messages
         if filename.endswith((".pth", ".pt")) and os.path.isfile(filename):
