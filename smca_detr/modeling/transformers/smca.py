@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
+from ...layers.tracing import shape_ints
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, image_wh)
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
            "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
@@ -316,11 +317,7 @@ class SMCATransformer(nn.Module):
     @staticmethod
     def _wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
         """Unpadded ``(w, h)`` per image, ``[B,2]``, from detectron2's ``(h, w)`` image sizes."""
-        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
-        if hw.shape != (batch, 2):
-            raise ValueError(f"SMCATransformer: need one (h, w) image size per image, got {len(image_sizes)} "
-                             f"for a batch of {batch}")
-        return hw.flip(-1)
+        return image_wh(image_sizes, batch, dtype, device, "SMCATransformer: ")
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
@@ -333,7 +330,7 @@ class SMCATransformer(nn.Module):
         wh = self._wh(image_sizes, b, src.dtype, src.device)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, stride=self.stride,
-                                     grid_hw=tuple(int(x) for x in grid_hw), records=records)
+                                     grid_hw=shape_ints(grid_hw), records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
             extras.update(hs=hs, src=src.transpose(1, 2).reshape(b, -1, *grid_hw), memory=memory, pos=pos, mask=mask,

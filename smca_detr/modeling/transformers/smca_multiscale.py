@@ -43,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import dropout
+from ...layers.tracing import shape_ints
 from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
+from .common import TransformerEncoderLayer, TransformerOutput, flatten_level, image_wh
 from .smca import SMCADecoderLayer, mask_padded_keys, scale_channels, smca_gaussian_bias
 
 __all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
@@ -76,14 +77,6 @@ class MemorySegment:
     @property
     def size(self) -> int:
         return self.height * self.width
-
-
-def image_wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
-    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes."""
-    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
-    if hw.shape != (batch, 2):
-        raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
-    return hw.flip(-1)
 
 
 def segment_softmax(logits: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
@@ -242,8 +235,9 @@ class MultiScaleSMCADecoder(nn.Module):
         sizes = [s.size for s in segments]
         if sum(sizes) != memory.shape[1]:
             raise ValueError(f"memory has {memory.shape[1]} positions but the segments {sizes} sum to {sum(sizes)}")
-        segment_ids = torch.repeat_interleave(torch.arange(len(sizes), device=memory.device),
-                                              torch.as_tensor(sizes, device=memory.device))
+        # (torch.full keeps traced sizes dynamic in an ONNX export)
+        segment_ids = torch.cat([torch.full((n,), i, dtype=torch.long, device=memory.device)
+                                 for i, n in enumerate(sizes)])
         hs, ref_px, ref_logit = [], None, None
         for i, layer in enumerate(self.layers):
             rec = records[i] if records is not None else None
@@ -387,7 +381,7 @@ class SMCAMultiScaleTransformer(nn.Module):
 
     def forward_embedded(self, srcs, masks, pos, image_sizes) -> TransformerOutput:
         """Encoder + decoder on the levels returned by ``embed``."""
-        shapes = [tuple(int(v) for v in x.shape[-2:]) for x in srcs]
+        shapes = [shape_ints(x.shape[-2:]) for x in srcs]
         sizes = [h * w for h, w in shapes]
         src = torch.cat([flatten_level(x) for x in srcs], 1)
         lvl_pos = torch.cat([flatten_level(p) + e for p, e in zip(pos, self.level_embed.to(src.dtype))], 1)
