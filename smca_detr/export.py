@@ -40,7 +40,8 @@ from torch import nn
 
 from .modeling.backbone import image_padding_mask, resize_mask
 
-__all__ = ["OPSET", "ExportError", "OnnxDetector", "export_onnx", "OnnxPredictor", "prepare_image"]
+__all__ = ["OPSET", "ExportError", "OnnxDetector", "check_exportable", "export_onnx", "OnnxPredictor",
+           "OnnxRuntimeModel", "instances_from_outputs", "prepare_image", "resize_image", "resized_shape"]
 
 # Opset 17: the first with LayerNormalization as a single standard operator (smaller, faster graph
 # in ONNX Runtime), supported by every ONNX Runtime since 1.14; nothing newer is needed.
@@ -260,6 +261,7 @@ class OnnxPredictor:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only (not the shape-inference notes on Identity nodes)
         if threads:
             opts.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers))
@@ -269,6 +271,15 @@ class OnnxPredictor:
         self.min_size = int(cfg.INPUT.MIN_SIZE_TEST) if cfg is not None else int(meta.get("min_size_test", 0))
         self.max_size = int(cfg.INPUT.MAX_SIZE_TEST) if cfg is not None else int(meta.get("max_size_test", 0))
         self.thing_classes = meta.get("thing_classes")
+        if cfg is not None:
+            from .model_zoo.model_zoo import dataset_metadata
+
+            self.metadata = dataset_metadata(cfg)
+        else:  # class names stored in the file
+            from detectron2.data.catalog import Metadata
+
+            self.metadata = Metadata(name=os.path.basename(os.fspath(path)), thing_classes=self.thing_classes) \
+                if self.thing_classes else None
 
     def network_input(self, image, input_format: str = "RGB") -> Tuple[np.ndarray, int, int]:
         """``([1,3,h,w] float32 in the model's channel order, resized), original height, width``."""
@@ -290,13 +301,40 @@ class OnnxPredictor:
         return {"boxes": boxes, "scores": scores, "labels": labels}
 
     def __call__(self, image, input_format: str = "RGB"):
-        from detectron2.modeling import detector_postprocess
-        from detectron2.structures import Boxes, Instances
-
         x, h, w = self.network_input(image, input_format)
-        out = self.run(x)
-        res = Instances(tuple(x.shape[-2:]))
-        res.pred_boxes = Boxes(torch.from_numpy(out["boxes"][0]))
-        res.scores = torch.from_numpy(out["scores"][0])
-        res.pred_classes = torch.from_numpy(out["labels"][0])
-        return detector_postprocess(res, h, w)
+        return instances_from_outputs(self.run(x), 0, x.shape[-2:], h, w)
+
+    def predict_batch(self, images, input_format: str = "RGB"):
+        """``Instances`` of several images (one graph run each: their sizes differ)."""
+        return [self(im, input_format) for im in images]
+
+
+def instances_from_outputs(out: Dict[str, np.ndarray], i: int, input_hw, height: int, width: int):
+    """Image ``i`` of the graph outputs -> ``Instances`` in pixels of a ``height x width`` image, with
+    the PyTorch model's ``detector_postprocess`` (rescale, clip, drop empty boxes)."""
+    from detectron2.modeling import detector_postprocess
+    from detectron2.structures import Boxes, Instances
+
+    res = Instances(tuple(int(v) for v in input_hw))
+    res.pred_boxes = Boxes(torch.from_numpy(np.asarray(out["boxes"][i])))
+    res.scores = torch.from_numpy(np.asarray(out["scores"][i]))
+    res.pred_classes = torch.from_numpy(np.asarray(out["labels"][i]))
+    return detector_postprocess(res, height, width)
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported model behind detectron2's model interface (``list[dict]`` of mapped inputs ->
+    ``[{"instances": ...}]``), for ``inference_on_dataset`` / ``COCOEvaluator``. ``inputs["image"]``
+    is the mapper's resized ``CHW`` tensor in the model's channel order."""
+
+    def __init__(self, predictor: "OnnxPredictor"):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, batched_inputs: List[dict]):
+        results = []
+        for inp in batched_inputs:
+            x = inp["image"][None].float().cpu().numpy()
+            h, w = inp.get("height", x.shape[2]), inp.get("width", x.shape[3])
+            results.append({"instances": instances_from_outputs(self.predictor.run(x), 0, x.shape[-2:], h, w)})
+        return results
