@@ -13,5 +13,7 @@ setup(
     package_data={"smca_detr": ["model_zoo/configs/*.yaml", "model_zoo/configs/demo/*.yaml", "checkpoints/*.pth"]},
     python_requires=">=3.8",
     install_requires=["torch>=2.1", "scipy", "fvcore", "pycocotools", "tqdm"],
-    extras_require={"triton": ["triton"], "test": ["pytest"]},
+    extras_require={"triton": ["triton"], "test": ["pytest"],
+                    # ONNX export + ONNX Runtime predictor (smca_detr.export); pinned as in requirements.txt
+                    "export": ["onnx==1.23.2", "onnxruntime==1.32.0"]},
 )

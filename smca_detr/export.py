@@ -249,6 +249,7 @@ class OnnxPredictor:
         cfg: optional config overriding the test resize / channel order stored in the file.
         providers: ONNX Runtime execution providers (default CPU).
         threads: intra-op threads (default: ONNX Runtime's choice).
+        profile: file prefix of ONNX Runtime's operator profile (``session.end_profiling()``).
 
     ``predictor(image_or_path, input_format="RGB")`` -> ``Instances`` with ``pred_boxes`` (xyxy in
     pixels of the image), ``scores``, ``pred_classes``. Accepts a file path, ``HxW`` / ``HxWx1``
@@ -257,11 +258,14 @@ class OnnxPredictor:
     """
 
     def __init__(self, path: Union[str, os.PathLike], cfg=None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, profile: str = ""):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only (not the shape-inference notes on Identity nodes)
+        if profile:  # ONNX Runtime's per-operator profile, written by session.end_profiling()
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile
         if threads:
             opts.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers))

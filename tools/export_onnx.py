@@ -15,6 +15,10 @@ batch, height and width are dynamic. Outputs ``boxes`` ``[B,K,4]`` (xyxy in inpu
 ``--check``: run PyTorch and ONNX Runtime on two random images of other sizes than the traced one
 and print the largest differences. ``--evaluate``: evaluate both on the config's test dataset with
 COCOEvaluator and print both APs (the embedded ``smca_synthetic_*`` datasets are generated first).
+``--benchmark N``: inference time of ONNX Runtime and of the PyTorch model (``model([input])``, its
+fastest CPU path) on one ``--size`` image, alternating for N rounds (ABBA order, one process, same
+thread count), and the per-round ratio ORT / PyTorch (median, min, max). Weights do not matter for
+speed: pass ``MODEL.WEIGHTS ""`` for a config whose weights are only the ImageNet backbone.
 """
 import argparse
 import os
@@ -30,6 +34,11 @@ def parse_args(argv=None):
     ap.add_argument("--check", action="store_true", help="compare ONNX Runtime with PyTorch at two image sizes")
     ap.add_argument("--evaluate", action="store_true",
                     help="COCO AP of PyTorch and ONNX Runtime on cfg.DATASETS.TEST")
+    ap.add_argument("--benchmark", type=int, default=0, metavar="ROUNDS",
+                    help="time ONNX Runtime against the PyTorch model (CPU, batch 1) for ROUNDS alternating rounds")
+    ap.add_argument("--size", type=int, nargs=2, default=(640, 800), metavar=("H", "W"),
+                    help="network input size of --benchmark (default 640 800)")
+    ap.add_argument("--profile", default="", help="with --benchmark: write ONNX Runtime's profile (JSON) here")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return ap.parse_args(argv)
 
@@ -75,6 +84,31 @@ def evaluate(cfg, model, predictor):
     return aps
 
 
+def benchmark(model, path, size, rounds, profile=""):
+    """``{"pytorch": [s], "onnxruntime": [s]}`` per round and the ratio summary."""
+    import torch
+
+    from smca_detr.export import OnnxPredictor
+    from smca_detr.utils.speed import ratio_summary, synthetic_inputs, time_alternately
+
+    threads = torch.get_num_threads()
+    predictor = OnnxPredictor(path, threads=threads, profile=profile)
+    inputs = synthetic_inputs(1, size[0], size[1])
+    x = inputs[0]["image"][None].numpy()
+
+    def pytorch():
+        with torch.no_grad():
+            model(inputs)
+
+    cases = {"inference": {"pytorch": pytorch, "onnxruntime": lambda: predictor.run(x)}}
+    for fn in cases["inference"].values():  # warm-up
+        fn()
+    times = time_alternately(cases, rounds)["inference"]
+    if profile:
+        print(f"ONNX Runtime profile: {predictor.session.end_profiling()}")
+    return times, ratio_summary(times["onnxruntime"], times["pytorch"]), threads
+
+
 def main(argv=None):
     args = parse_args(argv)
     from detectron2.modeling import build_model
@@ -95,6 +129,12 @@ def main(argv=None):
         print(f"error: cannot export {args.config_file}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 2 ** 20:.1f} MiB) in {time.time() - t:.1f} s")
+    if args.benchmark:
+        times, ratio, threads = benchmark(model, args.output, args.size, args.benchmark, args.profile)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(f"{args.config_file} at {args.size[0]}x{args.size[1]}, CPU, {threads} threads, {args.benchmark} rounds: "
+              f"PyTorch {med['pytorch']:.3f} s, ONNX Runtime {med['onnxruntime']:.3f} s (medians); "
+              f"ORT / PyTorch = {ratio['median']:.2f} (min {ratio['min']:.2f}, max {ratio['max']:.2f})")
     if args.check or args.evaluate:
         predictor = OnnxPredictor(args.output, cfg)
         if args.check:
