@@ -248,7 +248,8 @@ class OnnxPredictor:
         path: the ``.onnx`` file written by :func:`export_onnx`.
         cfg: optional config overriding the test resize / channel order stored in the file.
         providers: ONNX Runtime execution providers (default CPU).
-        threads: intra-op threads (default: ONNX Runtime's choice).
+        threads: intra-op threads (default: ONNX Runtime's choice); when given, idle threads sleep
+            instead of spin-waiting (fair timing next to other work).
         profile: file prefix of ONNX Runtime's operator profile (``session.end_profiling()``).
 
     ``predictor(image_or_path, input_format="RGB")`` -> ``Instances`` with ``pred_boxes`` (xyxy in
@@ -263,12 +264,15 @@ class OnnxPredictor:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only (not the shape-inference notes on Identity nodes)
+        if threads:  # no busy-waiting threads between runs (they would slow whatever runs next)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile:  # ONNX Runtime's per-operator profile, written by session.end_profiling()
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(os.fspath(path), opts, providers=list(providers))
+        self.path = os.fspath(path)
+        self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY, "{}"))
         self.meta = meta
         self.input_format = cfg.INPUT.FORMAT if cfg is not None else meta.get("input_format", "BGR")

@@ -125,3 +125,31 @@ def test_onnx_predictor_reads_files_and_matches_pytorch(predictors, tmp_path):
     torch_pred, onnx_pred = predictors
     _same(onnx_pred(str(tmp_path / "a.png")), torch_pred(image))
     assert onnx_pred.metadata.thing_classes == torch_pred.metadata.thing_classes
+
+
+def test_demo_with_onnx_draws_the_pytorch_demo_pictures(predictors, tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    if len(predictors) < 2:
+        pytest.skip("onnxruntime is not installed")
+    torch_pred, onnx_pred = predictors
+    if not torch_pred.cfg.MODEL.WEIGHTS:
+        pytest.skip("the shipped checkpoint is not in this checkout")
+    spec = importlib.util.spec_from_file_location(
+        "smca_demo_tool", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    Image.fromarray(_image(96, 128, seed=6)).save(tmp_path / "a.png")
+    common = ["--input", str(tmp_path / "a.png"), "--confidence-threshold", "0.1"]
+    np.random.seed(0)  # detectron2's Visualizer draws each instance in a random colour
+    demo.main(["--onnx", onnx_pred.path, "--output", str(tmp_path / "onnx"), *common])
+    np.random.seed(0)
+    demo.main(["--config-file", CONFIG, "--output", str(tmp_path / "pt"), *common,
+               "--opts", "MODEL.WEIGHTS", torch_pred.cfg.MODEL.WEIGHTS])
+    a = np.asarray(Image.open(tmp_path / "onnx" / "a.png"))
+    b = np.asarray(Image.open(tmp_path / "pt" / "a.png"))
+    assert a.shape == b.shape == (96, 128, 3)
+    assert (a != b).any(-1).mean() < 0.005  # same boxes and labels (sub-pixel box differences aside)
+    assert (a != np.asarray(Image.open(tmp_path / "a.png"))).any()  # something was drawn
