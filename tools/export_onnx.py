@@ -38,6 +38,8 @@ def parse_args(argv=None):
                     help="time ONNX Runtime against the PyTorch model (CPU, batch 1) for ROUNDS alternating rounds")
     ap.add_argument("--size", type=int, nargs=2, default=(640, 800), metavar=("H", "W"),
                     help="network input size of --benchmark (default 640 800)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="with --benchmark: intra-op threads of both (default: PyTorch's current number)")
     ap.add_argument("--profile", default="", help="with --benchmark: write ONNX Runtime's profile (JSON) here")
     ap.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return ap.parse_args(argv)
@@ -84,13 +86,15 @@ def evaluate(cfg, model, predictor):
     return aps
 
 
-def benchmark(model, path, size, rounds, profile=""):
+def benchmark(model, path, size, rounds, profile="", threads=0):
     """``{"pytorch": [s], "onnxruntime": [s]}`` per round and the ratio summary."""
     import torch
 
     from smca_detr.export import OnnxPredictor
     from smca_detr.utils.speed import ratio_summary, synthetic_inputs, time_alternately
 
+    if threads:
+        torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     predictor = OnnxPredictor(path, threads=threads, profile=profile)
     inputs = synthetic_inputs(1, size[0], size[1])
@@ -130,7 +134,8 @@ def main(argv=None):
         return 2
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 2 ** 20:.1f} MiB) in {time.time() - t:.1f} s")
     if args.benchmark:
-        times, ratio, threads = benchmark(model, args.output, args.size, args.benchmark, args.profile)
+        times, ratio, threads = benchmark(model, args.output, args.size, args.benchmark, args.profile,
+                                           args.threads)
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         print(f"{args.config_file} at {args.size[0]}x{args.size[1]}, CPU, {threads} threads, {args.benchmark} rounds: "
               f"PyTorch {med['pytorch']:.3f} s, ONNX Runtime {med['onnxruntime']:.3f} s (medians); "

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention for ONNX export: the corner-gather formulation of
 :mod:`.gather` written with shape-agnostic tensor operators only (no Python sizes, no
 ``embedding_bag``), so that a traced graph keeps every level's size dynamic and uses standard ONNX
-operators (Gather, Floor, Mul, ReduceSum) - no custom op, no grid_sample.
+operators (Floor, Where, one Gather and one MatMul per attention) - no custom op, no grid_sample.
 
 The values are one table ``[B * M * S + 1, D]`` (head-major rows ``(b * M + m) * S + s``) whose last
 row is zero. Every sampling point at pixel coordinates ``(x, y) = (loc_x W_l - 0.5, loc_y H_l - 0.5)``
@@ -39,11 +39,14 @@ def ms_deform_attn_traceable(value: Tensor, spatial_shapes: Tensor, level_start_
     start = level_start_index[:, None]
     head = (torch.arange(B, device=value.device)[:, None, None, None, None] * M
             + torch.arange(M, device=value.device)[None, None, :, None, None]) * S  # [B,1,M,1,1]
-    out = None
-    for dy, dx, cw in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        x, y = x0 + dx, y0 + dy
-        inside = (x >= 0) & (x < w_lvl) & (y >= 0) & (y < h_lvl)
-        rows = torch.where(inside, head + start + y * w_lvl + x, torch.full_like(x, zero_row))
-        term = (table[rows] * (cw * attention_weights)[..., None]).sum((3, 4))  # [B,Q,M,D]
-        out = term if out is None else out + term
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)  # corners (x0,y0) (x0+1,y0) (x0,y0+1) (x0+1,y0+1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)  # [B,Q,M,L,P,4]
+    fx, fy = fx[..., None], fy[..., None]
+    cw = torch.cat([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], -1)
+    w_lvl, h_lvl, start = w_lvl[..., None], h_lvl[..., None], start[..., None]
+    inside = (xs >= 0) & (xs < w_lvl) & (ys >= 0) & (ys < h_lvl)
+    rows = torch.where(inside, head[..., None] + start + ys * w_lvl + xs, torch.full_like(xs, zero_row))
+    weights = (cw * attention_weights[..., None]).reshape(B, Q, M, 1, -1)  # [B,Q,M,1,4LP]
+    # one Gather of the 4LP rows per (b, q, m) and one batched MatMul with their weights
+    out = torch.matmul(weights, table[rows.reshape(B, Q, M, -1)])  # [B,Q,M,1,D]
     return out.reshape(B, Q, M * D)
