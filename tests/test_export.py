@@ -1,5 +1,6 @@
 """ONNX export (smca_detr.export, tools/export_onnx.py): every variant's graph run in ONNX Runtime
 gives the PyTorch model's detections at two image sizes other than the traced one (dynamic shapes)."""
+import ast
 import os
 
 import numpy as np
@@ -107,3 +108,30 @@ def test_dcn_backbone_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ExportError, match="deformable convolution"):
         export_onnx(model, tmp_path / "m.onnx", cfg)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_traceable_msda_equals_the_grid_sample_reference():
+    from smca_detr.layers.msda import ms_deform_attn_pytorch
+    from smca_detr.layers.msda.onnx_gather import ms_deform_attn_traceable
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[5, 7], [3, 4], [1, 2]])
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(2, int(sizes.sum()), 3, 4, generator=g, dtype=torch.float64)
+    loc = torch.rand(2, 6, 3, 3, 4, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3  # some outside the maps
+    attn = torch.rand(2, 6, 3, 3, 4, generator=g, dtype=torch.float64)
+    got = ms_deform_attn_traceable(value, shapes, starts, loc, attn)
+    torch.testing.assert_close(got, ms_deform_attn_pytorch(value, shapes, starts, loc, attn), atol=1e-12, rtol=0)
+
+
+def test_cli_exports_checks_and_refuses_dcn(tmp_path, capsys, tools_on_path):
+    import export_onnx as tool
+
+    opts = [str(v) for v in TINY] + ["MODEL.WEIGHTS", ""]
+    assert tool.main(["--config-file", "smca_r50", "--output", str(tmp_path / "m.onnx"), "--check", *opts]) == 0
+    out = capsys.readouterr().out
+    worst = ast.literal_eval(out.split("largest differences:")[1].strip())  # the printed dict
+    assert worst["boxes/size"] <= 1e-4 and worst["scores"] <= 1e-4 and worst["labels differ"] == 0
+    assert tool.main(["--config-file", "deformable_detr_r101_dcn", "--output", str(tmp_path / "d.onnx"), *opts]) == 2
+    assert "deformable convolution" in capsys.readouterr().err and not (tmp_path / "d.onnx").exists()
