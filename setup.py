@@ -18,5 +18,7 @@ setup(
     # tl.static_range, tl.reduce, tl.full, atomic_add(sem=), checked at run time by
     # smca_detr.layers.msda.triton_available(); triton.knobs (3.4+) is optional.
     install_requires=["torch>=2.5", "scipy", "fvcore", "pycocotools", "tqdm"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest"]},
+    extras_require={"triton": ["triton>=3.0"], "test": ["pytest"],
+                    # ONNX export + ONNX Runtime predictor (smca_detr.export); pinned as in requirements.txt
+                    "export": ["onnx==1.23.2", "onnxruntime==1.32.0"]},
 )

@@ -4,11 +4,15 @@
     python tools/demo.py --config-file configs/smca_r50.yaml --input img.jpg photos/ "shots/*.png" \\
         --output out/ [--confidence-threshold 0.5] --opts MODEL.WEIGHTS SMCA-R50.pth MODEL.DEVICE cpu
 
+    python tools/demo.py --onnx smca_r50.onnx --input img.jpg --output out/   # ONNX Runtime
+
 ``--input``: image files, directories (their images, sorted) and glob patterns. One picture per image
 is written to ``--output`` (a directory; a file name is also accepted for a single image), drawn
 with detectron2's ``Visualizer`` and the class names of the config's dataset. ``MODEL.WEIGHTS`` may
 be our checkpoint or an official SMCA / Conditional / Deformable DETR one (path or URL; converted
-on load). Runs on CPU when CUDA is not available.
+on load). Runs on CPU when CUDA is not available. ``--onnx``: run a model exported by
+``tools/export_onnx.py`` in ONNX Runtime instead (same test resize, post-processing and pictures;
+``--config-file`` is then optional: the file carries the test resize and class names).
 """
 import argparse
 import glob
@@ -23,13 +27,17 @@ logger = logging.getLogger("smca_detr.demo")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config-file", required=True, help="a config file or a model-zoo config name")
+    ap.add_argument("--config-file", help="a config file or a model-zoo config name (required without --onnx)")
+    ap.add_argument("--onnx", help="an .onnx file from tools/export_onnx.py: run it in ONNX Runtime")
     ap.add_argument("--input", nargs="+", required=True, help="image files, directories or glob patterns")
     ap.add_argument("--output", required=True, help="output directory (or file for a single image)")
     ap.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score drawn")
     ap.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.config_file and not args.onnx:
+        ap.error("--config-file is required (unless --onnx is given)")
+    return args
 
 
 def expand_inputs(items):
@@ -84,8 +92,13 @@ def run(args):
 
     inputs = expand_inputs(args.input)
     outputs = output_paths(inputs, args.output)
-    cfg = inference_config(args.config_file, args.opts)
-    predictor = Predictor(cfg)
+    cfg = inference_config(args.config_file, args.opts) if args.config_file else None
+    if args.onnx:
+        from smca_detr.export import OnnxPredictor
+
+        predictor = OnnxPredictor(args.onnx, cfg)
+    else:
+        predictor = Predictor(cfg)
     bs = max(1, args.batch_size)
     counts = []
     with tqdm(total=len(inputs), desc="demo", unit="img", disable=len(inputs) < 2) as bar:

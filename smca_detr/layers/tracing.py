@@ -1,7 +1,7 @@
 """Whether the current call is being recorded as a graph rather than run eagerly."""
 import torch
 
-__all__ = ["tracing_or_compiling"]
+__all__ = ["tracing_or_compiling", "shape_ints"]
 
 
 def tracing_or_compiling() -> bool:
@@ -12,3 +12,11 @@ def tracing_or_compiling() -> bool:
         return True
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def shape_ints(shape) -> tuple:
+    """``tuple(int(v) for v in shape)``, except under ``torch.jit.trace`` (ONNX export), where the
+    sizes stay graph values so that a traced model keeps dynamic input sizes."""
+    if torch.jit.is_tracing():
+        return tuple(shape)
+    return tuple(int(v) for v in shape)

@@ -167,12 +167,15 @@ class Predictor:
         model: an already built model (used as is); otherwise one is built from ``cfg`` and
             ``cfg.MODEL.WEIGHTS`` is loaded when set.
 
-    ``predictor(image, input_format="RGB")`` -> ``Instances`` (CPU) in pixels of ``image``
-    (``HxWx3`` uint8). ``predictor.inputs(image)`` gives the model input dict.
+    ``predictor(image, input_format="RGB")`` -> ``Instances`` (CPU) in pixels of ``image``.
+    ``image``: ``HxWx3`` uint8 (or float 0..255); grayscale ``HxW`` / ``HxWx1`` and RGBA ``HxWx4``
+    arrays are converted, a float image in [0, 1] is scaled to 0..255 with a warning, an empty image
+    raises ValueError (``smca_detr.export.prepare_image``). Very elongated images (a 2x3000 strip)
+    are resized with each side at least one pixel. ``predictor.inputs(image)`` gives the model
+    input dict.
     """
 
     def __init__(self, cfg, model: Optional[torch.nn.Module] = None):
-        from detectron2.data import transforms as T
         from detectron2.modeling import build_model
 
         self.cfg = cfg.clone()
@@ -183,25 +186,22 @@ class Predictor:
         self.model = model.eval()
         self.metadata = dataset_metadata(self.cfg)
         self.input_format = self.cfg.INPUT.FORMAT
-        lo, hi = self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
-        self.resize = T.ResizeShortestEdge([lo, lo], hi) if lo > 0 else None
+        self.min_size, self.max_size = self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
 
     @property
     def device(self):
         return next(self.model.parameters()).device
 
-    def inputs(self, image: np.ndarray, input_format: str = "RGB") -> dict:
+    def inputs(self, image, input_format: str = "RGB") -> dict:
         """The model input dict (``image`` CHW float tensor in the model's format, resized;
-        ``height``/``width`` of the given image) for an ``HxWx3`` uint8 image."""
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 image, got shape {tuple(image.shape)}")
-        if input_format not in ("RGB", "BGR"):
-            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
-        if self.input_format in ("RGB", "BGR") and input_format != self.input_format:
+        ``height``/``width`` of the given image) for an image array (see ``__call__``)."""
+        from ..export import prepare_image, resize_image
+
+        image = prepare_image(image, input_format)  # HxWx3 RGB, or a ValueError naming the problem
+        if self.input_format == "BGR":
             image = image[:, :, ::-1]
         h, w = image.shape[:2]
-        if self.resize is not None:
-            image = self.resize.get_transform(image).apply_image(image)
+        image = resize_image(np.ascontiguousarray(image), self.min_size, self.max_size)
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
         return {"image": tensor, "height": h, "width": w}
 

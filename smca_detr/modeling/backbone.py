@@ -23,11 +23,12 @@ __all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
 
 def image_padding_mask(image_sizes: Sequence[Tuple[int, int]], padded_hw: Tuple[int, int],
                        device=None) -> torch.Tensor:
-    """``[B,H,W]`` bool mask, True on padding, from unpadded (h, w) sizes."""
-    mask = torch.ones((len(image_sizes), *padded_hw), dtype=torch.bool, device=device)
-    for i, (h, w) in enumerate(image_sizes):
-        mask[i, : int(h), : int(w)] = False
-    return mask
+    """``[B,H,W]`` bool mask, True on padding, from unpadded (h, w) sizes (pairs, or a ``[B,2]``
+    tensor: computed with tensor ops so that a traced model keeps dynamic sizes)."""
+    hw = torch.as_tensor(image_sizes, device=device).reshape(-1, 2)
+    rows = torch.arange(padded_hw[0], device=device)[None, :, None] >= hw[:, 0, None, None]
+    cols = torch.arange(padded_hw[1], device=device)[None, None, :] >= hw[:, 1, None, None]
+    return rows | cols
 
 
 def resize_mask(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

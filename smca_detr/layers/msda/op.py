@@ -330,6 +330,11 @@ def ms_deform_attn(
     Returns:
         ``[B, Q, M*D]`` in ``value.dtype``.
     """
+    if torch.onnx.is_in_onnx_export():  # ONNX export: standard operators only, dynamic level sizes
+        from .onnx_gather import ms_deform_attn_traceable
+
+        return ms_deform_attn_traceable(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights).to(value.dtype)
     backend = _resolve_impl_constant(impl, str(value.device))
     if backend == "triton" or torch.jit.is_tracing():
         return _msda_op(

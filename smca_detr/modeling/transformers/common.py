@@ -13,7 +13,7 @@ from ...layers.dropout import Dropout
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
-__all__ = ["TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
+__all__ = ["image_wh", "TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
            "SingleLevelInput", "check_levels"]
 
 
@@ -99,3 +99,18 @@ def check_levels(name: str, features: List[torch.Tensor], expected: int):
         raise ValueError(
             f"{name} takes {expected} feature level(s) but MODEL.SMCA_DETR.IN_FEATURES gives "
             f"{len(features)}")
+
+
+def image_wh(image_sizes, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes (a list of pairs, or
+    a ``[B,2]`` tensor: the ONNX export passes its traced sizes so that they stay dynamic), on
+    ``like``'s device in float32 (float64 for float64 activations), never in the activation dtype:
+    in bfloat16 a width of 1333 would become 1336, in float16 sizes above 2048 are rounded."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(image_sizes, torch.Tensor):
+        hw = image_sizes.to(dtype=dtype, device=like.device)
+    else:
+        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=like.device)
+    if hw.dim() != 2 or hw.shape[1] != 2 or (not torch.jit.is_tracing() and hw.shape[0] != batch):
+        raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
+    return hw.flip(-1)

@@ -372,11 +372,17 @@ class DeformableTransformer(nn.Module):
         srcs, masks, pos = self._levels(features, masks, image_sizes)
         spatial = [tuple(s.shape[-2:]) for s in srcs]
         device = srcs[0].device
-        spatial_shapes = torch.as_tensor(spatial, dtype=torch.long, device=device)
-        starts = [0]
-        for h, w in spatial[:-1]:
-            starts.append(starts[-1] + h * w)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+        if torch.jit.is_tracing():  # ONNX export: the level sizes stay graph values
+            spatial_shapes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)])
+                                          for h, w in spatial]).to(device)
+            sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+            level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        else:
+            spatial_shapes = torch.as_tensor(spatial, dtype=torch.long, device=device)
+            starts = [0]
+            for h, w in spatial[:-1]:
+                starts.append(starts[-1] + h * w)
+            level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
 
         src_flatten = torch.cat([flatten_level(s) for s in srcs], 1)
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)

@@ -40,10 +40,11 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
+from ...layers.tracing import shape_ints
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, image_wh)
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
            "image_wh", "prior_in_float32", "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
@@ -63,17 +64,6 @@ def scale_channels(dynamic_scale: str) -> int:
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def image_wh(image_sizes, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes, on ``like``'s device
-    in float32 (float64 for float64 activations), never in the activation dtype: in bfloat16 a width
-    of 1333 would become 1336, in float16 sizes above 2048 are rounded."""
-    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes],
-                         dtype=_at_least_float32(like).dtype, device=like.device)
-    if hw.shape != (batch, 2):
-        raise ValueError(f"SMCA: need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
-    return hw.flip(-1)
 
 
 def prior_in_float32(method):
@@ -353,7 +343,7 @@ class SMCATransformer(nn.Module):
         wh = image_wh(image_sizes, b, src)
         records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
         hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, stride=self.stride,
-                                     grid_hw=tuple(int(x) for x in grid_hw), records=records)
+                                     grid_hw=shape_ints(grid_hw), records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
             extras.update(hs=hs, src=src.transpose(1, 2).reshape(b, -1, *grid_hw), memory=memory, pos=pos, mask=mask,

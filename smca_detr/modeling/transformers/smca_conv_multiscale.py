@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import Dropout
+from ...layers.tracing import shape_ints
 from ..layers import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
@@ -181,7 +182,7 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         memory = torch.cat([flatten_level(x) for x in [first] + enc[1:]], 1)
         mem_pos = torch.cat([flatten_level(p) for p in [lvl_pos[1]] + lvl_pos[1:]], 1)
         mem_mask = torch.cat([m.flatten(1) for m in [masks[1]] + masks[1:]], 1)
-        shapes = [tuple(int(v) for v in x.shape[-2:]) for x in srcs]
+        shapes = [shape_ints(x.shape[-2:]) for x in srcs]
         b = memory.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
         tgt = torch.zeros_like(query_pos)

@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import dropout
+from ...layers.tracing import shape_ints
 from ..layers import MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
-from .smca import (SMCADecoderLayer, image_wh, mask_padded_keys, prior_in_float32, scale_channels,
-                   smca_gaussian_bias)
+from .common import TransformerEncoderLayer, TransformerOutput, flatten_level, image_wh
+from .smca import SMCADecoderLayer, mask_padded_keys, prior_in_float32, scale_channels, smca_gaussian_bias
 
 __all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
            "MultiScaleSMCADecoder", "image_wh", "validate_encoder_layout", "SMCAMultiScaleTransformer"]
@@ -383,7 +383,7 @@ class SMCAMultiScaleTransformer(nn.Module):
 
     def forward_embedded(self, srcs, masks, pos, image_sizes) -> TransformerOutput:
         """Encoder + decoder on the levels returned by ``embed``."""
-        shapes = [tuple(int(v) for v in x.shape[-2:]) for x in srcs]
+        shapes = [shape_ints(x.shape[-2:]) for x in srcs]
         sizes = [h * w for h, w in shapes]
         src = torch.cat([flatten_level(x) for x in srcs], 1)
         lvl_pos = torch.cat([flatten_level(p) + e for p, e in zip(pos, self.level_embed.to(src.dtype))], 1)
