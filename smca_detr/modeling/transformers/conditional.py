@@ -178,7 +178,10 @@ class ConditionalDecoder(nn.Module):
             ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=i == 0)
             for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)   # T: λ_q = T(f)
+        # T: λ_q = T(f), applied from the second layer on. Not built for a one-layer decoder: a
+        # parameter without a gradient stops DDP ("Expected to have finished reduction...");
+        # the checkpoint converter drops the official (unused) weights of such a model.
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_point_head = MLP(d_model, d_model, 2, 2)      # s = sigmoid(MLP(o_q))
 
     def forward(self, tgt, memory, pos, query_pos, attn_mask=None, record: bool = False):
