@@ -70,7 +70,7 @@ class DetrBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         feats = None
-        if self.fused_cpu:
+        if self.fused_cpu and images.device.type == "cpu":  # CPU-only kernels: never on an accelerator
             if fused_resnet_supported(self.body, images)[0]:
                 feats = fused_resnet_forward(self.body, images, self.winograd_min_channels,
                                              winograd_f4_min_pixels=self.winograd_f4_min_pixels)

@@ -14,7 +14,16 @@ from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
 __all__ = ["TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
-           "SingleLevelInput", "check_levels"]
+           "SingleLevelInput", "check_levels", "padding_mask_or_none"]
+
+
+def padding_mask_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """``mask`` (True = padding), or None on the CPU when nothing is padded (e.g. one image): the mask
+    then changes nothing and skipping it makes attention faster. On an accelerator the mask is always
+    kept: finding out would read the mask back to the host, a synchronisation every step."""
+    if mask.device.type != "cpu" or bool(mask.any()):
+        return mask
+    return None
 
 
 @dataclass

@@ -36,7 +36,7 @@ from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, padding_mask_or_none)
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -263,8 +263,7 @@ class ConditionalTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])
-        # Without padding (e.g. one image) the mask changes nothing: skip it (faster attention).
-        key_padding_mask = mask if bool(mask.any()) else None
+        key_padding_mask = padding_mask_or_none(mask)
         memory = self.encoder(src, pos, key_padding_mask)
         attn_mask = make_attn_mask(key_padding_mask, None, memory.dtype)
         query_pos = self.query_embed.weight[None].to(memory.dtype)

@@ -42,7 +42,7 @@ from ...layers.dropout import Dropout
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, padding_mask_or_none)
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
            "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
@@ -316,7 +316,7 @@ class SMCATransformer(nn.Module):
     @staticmethod
     def _wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
         """Unpadded ``(w, h)`` per image, ``[B,2]``, from detectron2's ``(h, w)`` image sizes."""
-        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
+        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype).to(device, non_blocking=True)
         if hw.shape != (batch, 2):
             raise ValueError(f"SMCATransformer: need one (h, w) image size per image, got {len(image_sizes)} "
                              f"for a batch of {batch}")
@@ -324,8 +324,7 @@ class SMCATransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
-        # Without padding (e.g. one image) the mask changes nothing: skip it (no -inf fill, faster SDPA).
-        key_padding_mask = mask if bool(mask.any()) else None
+        key_padding_mask = padding_mask_or_none(mask)  # None: no padding on the CPU (no -inf fill, faster)
         memory = self.encoder(src, pos, key_padding_mask)
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)

@@ -80,7 +80,7 @@ class MemorySegment:
 
 def image_wh(image_sizes, batch: int, dtype, device) -> torch.Tensor:
     """Unpadded ``(w, h)`` per image ``[B,2]`` from detectron2's ``(h, w)`` sizes."""
-    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=device)
+    hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype).to(device, non_blocking=True)
     if hw.shape != (batch, 2):
         raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
     return hw.flip(-1)
@@ -243,7 +243,8 @@ class MultiScaleSMCADecoder(nn.Module):
         if sum(sizes) != memory.shape[1]:
             raise ValueError(f"memory has {memory.shape[1]} positions but the segments {sizes} sum to {sum(sizes)}")
         segment_ids = torch.repeat_interleave(torch.arange(len(sizes), device=memory.device),
-                                              torch.as_tensor(sizes, device=memory.device))
+                                              torch.as_tensor(sizes).to(memory.device, non_blocking=True),
+                                              output_size=sum(sizes))
         hs, ref_px, ref_logit = [], None, None
         for i, layer in enumerate(self.layers):
             rec = records[i] if records is not None else None
