@@ -189,7 +189,8 @@ class HostTraffic(TorchDispatchMode):
         if _STAND_IN_RUNNING:
             return out
         ins = {t.device.type for t in tensors if t.dim() > 0}
-        outs = {o.device.type for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)}
+        outs = {o.device.type for o in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(o, torch.Tensor)}
         if name in self.COPIES and ins != outs:
             non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
             if "cpu" in outs:
@@ -203,7 +204,7 @@ class HostTraffic(TorchDispatchMode):
         return out
 
 
-# What remains on the host in a training step, and why. Nothing else may appear.
+# What remains on the host in a training step (and in inference), and why. Nothing else may appear.
 ALLOWED_HOST_TRAFFIC = {
     # THE one transfer of the matching: the costs of all matched layers (final, auxiliary, encoder)
     # and their finiteness flags reach the host together, for scipy's Hungarian algorithm
@@ -211,13 +212,15 @@ ALLOWED_HOST_TRAFFIC = {
     # the matcher's CPU indices, concatenated before their one non-blocking copy to the device
     ("CPU op aten.cat.default", "criterion.py:_indices_to"): 1,
 }
-# Not in this list: the box count, averaged over processes with one all-reduce and one transfer under
-# DDP (SetCriterion.num_boxes), counted on the host by a single process (as here); the logging-only
-# metrics (class_error, cardinality_error per layer), one stacked transfer per step when a detectron2
-# EventStorage is active (training), not active here since storing them reads values. Substituted here, because it needs values: the Hungarian assignment
-# itself (HungarianMatcher.solve, scipy on the host copy) returns a fixed index set; and detectron2's
-# detector_postprocess at the end of inference (box finiteness assert, empty-box filter with a
-# data-dependent size), which reads the results that inference hands to the host anyway.
+# Not in this list:
+# * the box count: under DDP one all-reduce and one transfer (SetCriterion.num_boxes); a single
+#   process (as here) counts on the host;
+# * the logging-only metrics (class_error, cardinality_error per layer): one stacked transfer per
+#   step while a detectron2 EventStorage is active (training); not active here, storing reads values.
+# Substituted here, because they need values: the Hungarian assignment itself
+# (HungarianMatcher.solve, scipy on the host copy) returns a fixed index set; detectron2's
+# detector_postprocess at the end of inference (box finiteness assert, empty-box filter of
+# data-dependent size) returns its input; it reads results that inference hands to the host anyway.
 
 
 @contextlib.contextmanager
