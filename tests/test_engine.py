@@ -275,6 +275,8 @@ def test_bf16_train_step_on_cpu_with_fp32_matcher_and_losses(tiny_dataset, monke
     monkeypatch.setattr(HungarianMatcher, "class_cost", class_cost)
     monkeypatch.setattr(SetCriterion, "_box_losses", box_losses)
     model.heads.register_forward_hook(lambda m, i, out: seen["heads"].append(out[0].dtype))
+    seen["head_linear"] = []
+    model.heads.class_embed.register_forward_hook(lambda m, i, out: seen["head_linear"].append(out.dtype))
 
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     with EventStorage(0) as storage:
@@ -283,7 +285,8 @@ def test_bf16_train_step_on_cpu_with_fp32_matcher_and_losses(tiny_dataset, monke
         total = storage.latest()["total_loss"][0]
         grad_norm = storage.latest()["grad_norm"][0]
     assert np.isfinite(total) and total > 0 and np.isfinite(grad_norm)
-    assert seen["heads"] == [torch.bfloat16]  # the network itself ran under bf16 autocast
+    assert seen["head_linear"] == [torch.bfloat16]  # the network itself ran under bf16 autocast
+    assert seen["heads"] == [torch.float32]  # (logits and boxes leave the heads in float32)
     assert seen["matcher"] and all(s == (torch.float32, False) for s in seen["matcher"])
     assert seen["losses"] and all(s == (torch.float32, False) for s in seen["losses"])
     after = [p for p in model.parameters() if p.requires_grad]

@@ -459,7 +459,11 @@ def test_bf16_train_step_for_every_model_family(family):
     def heads_hook(module, inputs, out):
         seen.setdefault("heads", out[0].dtype)
 
+    def linear_hook(module, inputs, out):
+        seen.setdefault("head_linear", out.dtype)
+
     model.heads.register_forward_hook(heads_hook)
+    next(m for m in model.heads.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(linear_hook)
     criterion_forward = model.criterion.forward
 
     def spy(outputs, targets):
@@ -475,7 +479,8 @@ def test_bf16_train_step_for_every_model_family(family):
         loop.run_step()
         total = storage.latest()["total_loss"][0]
     assert np.isfinite(total) and total > 0
-    assert seen["heads"] == torch.bfloat16  # the network ran under bf16 autocast ...
+    assert seen["head_linear"] == torch.bfloat16  # the network ran under bf16 autocast ...
+    assert seen["heads"] == torch.float32  # (logits and boxes leave the heads in float32)
     assert seen["autocast_in_criterion"]  # ... and the criterion was called inside it
     assert seen["losses"] and set(seen["losses"].values()) == {torch.float32}, seen["losses"]
     after = [p for p in model.parameters() if p.requires_grad]

@@ -11,7 +11,9 @@ The official heads have 91 class logits (COCO category ids 0..90, focal / sigmoi
 column). By default the 80 rows of the real COCO categories are kept in detectron2's contiguous
 order (``coco_official_columns``); ``keep_all_classes=True`` keeps all rows unchanged.
 """
+import logging
 import os
+import re
 from typing import Mapping, Union
 
 import torch
@@ -31,6 +33,21 @@ CONDITIONAL_RENAMES = [
 
 CLASS_KEYS = ("heads.class_embed.weight", "heads.class_embed.bias")
 
+logger = logging.getLogger(__name__)
+
+
+def _drop_unused_query_scale(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The official decoder always builds ``query_scale`` (T), but applies it from the second layer
+    on: a one-layer decoder never uses it, and our model does not build it (a parameter without a
+    gradient stops DDP). Its weights are dropped here, with a log line saying why."""
+    layers = {m.group(1) for k in sd for m in [re.match(r"^transformer\.decoder\.layers\.(\d+)\.", k)] if m}
+    unused = [k for k in sd if k.startswith("transformer.decoder.query_scale.")]
+    if len(layers) != 1 or not unused:
+        return sd
+    logger.info("Conditional DETR conversion: dropped %s: the checkpoint's decoder has one layer, which "
+                "never applies query_scale (T scales the spatial query from the second layer on)", unused)
+    return {k: v for k, v in sd.items() if k not in unused}
+
 
 def _model_state_dict(obj: Mapping) -> Mapping[str, torch.Tensor]:
     """A full official checkpoint (``{"model", "optimizer", "args", ...}``) or a bare state dict."""
@@ -44,13 +61,14 @@ def convert_official_conditional_detr(state_dict: Union[Mapping, str, os.PathLik
     """Official Conditional DETR state dict (or full checkpoint dict, or a path to one) -> a state
     dict of our ``SmcaDetrDetector`` with ``MODEL.SMCA_DETR.TRANSFORMER = "ConditionalTransformer"``.
 
-    Keys without a conversion rule raise ``KeyError``. With ``keep_all_classes=False`` the class
+    Keys without a conversion rule raise ``KeyError``; the only keys dropped are ``query_scale`` of a
+    one-layer decoder, which the official model never uses (logged). With ``keep_all_classes=False`` the class
     head is reduced to the 80 COCO classes (needs the official 91-logit head).
     """
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = safe_torch_load(state_dict)
     sd = _model_state_dict(state_dict)
-    out = apply_renames(sd, CONDITIONAL_RENAMES)
+    out = apply_renames(_drop_unused_query_scale(sd), CONDITIONAL_RENAMES)
     if not keep_all_classes:
         columns = coco_official_columns()
         n = out["heads.class_embed.weight"].shape[0] if "heads.class_embed.weight" in out else None

@@ -25,7 +25,8 @@ def image_padding_mask(image_sizes: Sequence[Tuple[int, int]], padded_hw: Tuple[
                        device=None) -> torch.Tensor:
     """``[B,H,W]`` bool mask, True on padding, from unpadded (h, w) sizes (pairs, or a ``[B,2]``
     tensor: computed with tensor ops so that a traced model keeps dynamic sizes)."""
-    hw = torch.as_tensor(image_sizes, device=device).reshape(-1, 2)
+    # sizes built on the host, copied without blocking (no host synchronisation on an accelerator)
+    hw = torch.as_tensor(image_sizes).to(device, non_blocking=True).reshape(-1, 2)
     rows = torch.arange(padded_hw[0], device=device)[None, :, None] >= hw[:, 0, None, None]
     cols = torch.arange(padded_hw[1], device=device)[None, None, :] >= hw[:, 1, None, None]
     return rows | cols
@@ -61,7 +62,7 @@ class DetrBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         feats = None
-        if self.fused_cpu:
+        if self.fused_cpu and images.device.type == "cpu":  # CPU-only kernels: never on an accelerator
             if fused_resnet_supported(self.body, images)[0]:
                 feats = fused_resnet_forward(self.body, images)
             else:  # training: fused frozen stages, Winograd 3x3 convolutions in the trainable ones

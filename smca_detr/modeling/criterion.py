@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .heads import at_least_float32
 from .matcher import HungarianMatcher
 from .registry import CRITERION_REGISTRY
 
@@ -29,11 +30,6 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half / bfloat16 -> float32; float32 and float64 (parity runs) unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _autocast_off(device_type):
@@ -101,7 +97,7 @@ class SetCriterion(nn.Module):
             else:
                 class_error = logits.new_zeros(())
             n_pred = (logits.argmax(-1) != nc - 1).sum(1).to(logits.dtype)
-            n_tgt = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device).to(n_pred)
+            n_tgt = torch.tensor([float(len(t["labels"])) for t in targets]).to(n_pred, non_blocking=True)
             card_error = F.l1_loss(n_pred, n_tgt)
         return {"loss_ce": loss_ce, "class_error": class_error, "cardinality_error": card_error}
 
@@ -117,9 +113,7 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def _layer(self, logits, boxes, targets, num_boxes, suffix, losses, indices_out, key):
-        indices = self.matcher(logits, boxes, targets)
-        indices_out[key] = indices
+    def _layer_losses(self, logits, boxes, targets, indices, num_boxes, suffix, losses):
         for name, value in {**self._class_losses(logits, targets, indices, num_boxes),
                             **self._box_losses(boxes, targets, indices, num_boxes)}.items():
             if name == "class_error" and suffix:
@@ -128,33 +122,41 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def num_boxes(self, targets, device) -> float:
-        """Number of target boxes averaged over all processes (at least 1)."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float64,
-                            device=device)
-        if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(n)
+        """Number of target boxes averaged over all processes (at least 1). One process: counted on
+        the host (no device synchronisation); several: one all-reduce and one transfer."""
+        n = float(sum(len(t["labels"]) for t in targets))
+        if comm.get_world_size() == 1:
+            return max(n, 1.0)
+        n = torch.as_tensor([n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(n)
         return torch.clamp(n / comm.get_world_size(), min=1).item()
 
     def compute(self, outputs: Dict, targets: List[Dict]):
         """Unweighted losses (incl. logging-only ``class_error`` / ``cardinality_error``) and the
-        matcher indices per layer (``final``, ``aux_i``, ``enc``). Runs in float32."""
+        matcher indices per layer (``final``, ``aux_i``, ``enc``; CPU tensors). Runs in float32. All
+        layers are matched together: one device-to-host transfer of their costs, one non-blocking
+        host-to-device transfer of their indices."""
         logits_all = outputs["pred_logits"]
         with _autocast_off(logits_all.device.type):
-            logits_all = _at_least_float32(logits_all)
-            boxes_all = _at_least_float32(outputs["pred_boxes"])
+            logits_all = at_least_float32(logits_all)
+            boxes_all = at_least_float32(outputs["pred_boxes"])
             num_boxes = self.num_boxes(targets, logits_all.device)
-            losses, indices = {}, {}
             n_layers = logits_all.shape[0]
-            self._layer(logits_all[-1], boxes_all[-1], targets, num_boxes, "", losses, indices, "final")
+            # (key, suffix, logits, boxes, targets) of every matched output: final, aux_i, enc
+            layers = [("final", "", logits_all[-1], boxes_all[-1], targets)]
             if self.deep_supervision:
-                for i in range(n_layers - 1):
-                    self._layer(logits_all[i], boxes_all[i], targets, num_boxes, f"_{i}", losses,
-                                indices, f"aux_{i}")
+                layers += [(f"aux_{i}", f"_{i}", logits_all[i], boxes_all[i], targets) for i in range(n_layers - 1)]
             enc = outputs.get("enc_outputs")
             if enc is not None:
                 bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-                self._layer(_at_least_float32(enc["pred_logits"]), _at_least_float32(enc["pred_boxes"]), bin_targets,
-                            num_boxes, "_enc", losses, indices, "enc")
+                layers.append(("enc", "_enc", at_least_float32(enc["pred_logits"]),
+                               at_least_float32(enc["pred_boxes"]), bin_targets))
+            matched = self.matcher.match_many([(lg, bx, tg) for _, _, lg, bx, tg in layers])
+            indices = {key: ind for (key, *_), ind in zip(layers, matched)}
+            on_device = _indices_to(matched, logits_all.device)
+            losses = {}
+            for (_, suffix, lg, bx, tg), ind in zip(layers, on_device):
+                self._layer_losses(lg, bx, tg, ind, num_boxes, suffix, losses)
         return losses, indices
 
     def weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -178,15 +180,28 @@ def _permutation(indices):
     return batch_idx, src_idx
 
 
+def _indices_to(matched, device):
+    """The matcher's CPU indices (per layer, per image) on ``device`` in one non-blocking copy."""
+    flat = [t for layer in matched for pair in layer for t in pair]
+    if device.type == "cpu" or not flat:
+        return matched
+    moved = iter(torch.cat(flat).to(device, non_blocking=True).split([len(t) for t in flat]))
+    return [[(next(moved), next(moved)) for _ in layer] for layer in matched]
+
+
 def _log_metrics(metrics):
-    """Logging-only values go to detectron2's EventStorage, never into the total loss."""
+    """Logging-only values go to detectron2's EventStorage, never into the total loss: stacked and
+    transferred to the host once (one synchronisation per step, only when a storage is active)."""
     try:
         from detectron2.utils.events import get_event_storage
 
         storage = get_event_storage()
     except AssertionError:
         return
-    storage.put_scalars(**{k: float(v) for k, v in metrics.items()}, smoothing_hint=True)
+    if not metrics:
+        return
+    values = torch.stack([v.detach().double() for v in metrics.values()]).cpu().tolist()
+    storage.put_scalars(**dict(zip(metrics, values)), smoothing_hint=True)
 
 
 def build_criterion(cfg):

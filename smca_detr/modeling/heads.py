@@ -13,7 +13,7 @@ from torch import nn
 
 from .layers import MLP, clones
 
-__all__ = ["PredictionHeads"]
+__all__ = ["PredictionHeads", "at_least_float32"]
 
 
 class PredictionHeads(nn.Module):
@@ -52,22 +52,32 @@ class PredictionHeads(nn.Module):
         return self.bbox_embed[layer] if self.per_layer else self.bbox_embed
 
     def box_logits(self, layer: int, h: torch.Tensor, reference: Optional[torch.Tensor]) -> torch.Tensor:
-        """Unnormalised box of layer ``layer``: ``bbox_embed(h)`` plus the reference logits."""
-        out = self.box_head(layer)(h)
+        """Unnormalised box of layer ``layer``: ``bbox_embed(h)`` plus the reference logits, in at
+        least float32."""
+        out = at_least_float32(self.box_head(layer)(h))
         if reference is not None:
             k = reference.shape[-1]
             out = torch.cat([out[..., :k] + reference, out[..., k:]], dim=-1)
         return out
 
     def forward(self, hs: torch.Tensor, references: Optional[torch.Tensor]):
-        """hs ``[L,B,Q,d]``, references ``[L,B,Q,2|4]`` logits or None -> logits, boxes ``[L,B,Q,·]``."""
+        """hs ``[L,B,Q,d]``, references ``[L,B,Q,2|4]`` logits or None -> logits, boxes ``[L,B,Q,·]``.
+
+        Under mixed precision the linear layers run in half precision, but logits and boxes are
+        returned in float32 (float64 stays float64): the reference is added and the box sigmoid taken
+        in float32, which keeps sub-pixel box resolution (bfloat16 has 8 significant bits)."""
         if not self.per_layer:
-            logits = self.class_embed(hs)
+            logits = at_least_float32(self.class_embed(hs))
             boxes = self.box_logits(0, hs, references).sigmoid()
             return logits, boxes
         logits, boxes = [], []
         for i in range(hs.shape[0]):
-            logits.append(self.class_head(i)(hs[i]))
+            logits.append(at_least_float32(self.class_head(i)(hs[i])))
             ref = None if references is None else references[i]
             boxes.append(self.box_logits(i, hs[i], ref).sigmoid())
         return torch.stack(logits), torch.stack(boxes)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half / bfloat16 -> float32; float32 and float64 (parity runs) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -118,8 +118,18 @@ class SmcaDetrDetector(nn.Module):
         return self.forward_features(features, masks, image_sizes)
 
     def preprocess_image(self, batched_inputs) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        """Normalised images, zero-padded to a common size divisible by the backbone's largest
+        stride (as ``ImageList.from_tensors``, whose size arithmetic on tensors would read values
+        back from them; here it is done on the host)."""
+        images = [(x["image"].to(self.device, non_blocking=True) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        div = max(int(self.backbone.size_divisibility), 1)
+        padded_hw = [-(-max(size[d] for size in sizes) // div) * div for d in (0, 1)]
+        batch = images[0].new_zeros((len(images), images[0].shape[0], *padded_hw))
+        for img, pad, (h, w) in zip(images, batch, sizes):
+            pad[:, :h, :w].copy_(img)
+        return ImageList(batch, sizes)
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
@@ -142,10 +152,11 @@ class SmcaDetrDetector(nn.Module):
         unpadded image size."""
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
-            inst = x["instances"].to(self.device)
-            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = inst.gt_boxes.tensor.float() / scale
-            targets.append({"labels": inst.gt_classes.long(), "boxes": box_xyxy_to_cxcywh(boxes)})
+            inst = x["instances"]
+            boxes = inst.gt_boxes.tensor.to(self.device, torch.float32, non_blocking=True)
+            labels = inst.gt_classes.to(self.device, torch.int64, non_blocking=True)
+            boxes = boxes / _xyxy_scale(w, h, boxes)
+            targets.append({"labels": labels, "boxes": box_xyxy_to_cxcywh(boxes)})
         return targets
 
     @torch.no_grad()
@@ -168,10 +179,17 @@ class SmcaDetrDetector(nn.Module):
         results = []
         for i, (h, w) in enumerate(image_sizes):
             res = Instances((h, w))
-            xyxy = box_cxcywh_to_xyxy(sel_boxes[i]) * torch.as_tensor([w, h, w, h], device=boxes.device)
+            xyxy = box_cxcywh_to_xyxy(sel_boxes[i]) * _xyxy_scale(w, h, boxes)
             res.pred_boxes = Boxes(xyxy)
             res.scores = scores[i]
             res.pred_classes = labels[i]
             results.append(res)
         return results
 
+
+
+def _xyxy_scale(w, h, like: torch.Tensor) -> torch.Tensor:
+    """``[w, h, w, h]`` on ``like``'s device and dtype, filled there (no host-to-device copy)."""
+    scale = like.new_full((4,), float(w))
+    scale[1::2] = float(h)
+    return scale

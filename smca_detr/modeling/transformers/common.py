@@ -14,7 +14,16 @@ from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
 __all__ = ["image_wh", "TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
-           "SingleLevelInput", "check_levels"]
+           "SingleLevelInput", "check_levels", "padding_mask_or_none"]
+
+
+def padding_mask_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """``mask`` (True = padding), or None on the CPU when nothing is padded (e.g. one image): the mask
+    then changes nothing and skipping it makes attention faster. On an accelerator the mask is always
+    kept: finding out would read the mask back to the host, a synchronisation every step."""
+    if mask.device.type != "cpu" or bool(mask.any()):
+        return mask
+    return None
 
 
 @dataclass
@@ -110,7 +119,8 @@ def image_wh(image_sizes, batch: int, like: torch.Tensor) -> torch.Tensor:
     if isinstance(image_sizes, torch.Tensor):
         hw = image_sizes.to(dtype=dtype, device=like.device)
     else:
-        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype, device=like.device)
+        hw = torch.as_tensor([[float(h), float(w)] for h, w in image_sizes], dtype=dtype).to(like.device,
+                                                                                            non_blocking=True)
     if hw.dim() != 2 or hw.shape[1] != 2 or (not torch.jit.is_tracing() and hw.shape[0] != batch):
         raise ValueError(f"need one (h, w) image size per image, got {len(image_sizes)} for a batch of {batch}")
     return hw.flip(-1)

@@ -36,7 +36,7 @@ from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, padding_mask_or_none)
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -178,7 +178,10 @@ class ConditionalDecoder(nn.Module):
             ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=i == 0)
             for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)   # T: λ_q = T(f)
+        # T: λ_q = T(f), applied from the second layer on. Not built for a one-layer decoder: a
+        # parameter without a gradient stops DDP ("Expected to have finished reduction...");
+        # the checkpoint converter drops the official (unused) weights of such a model.
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.ref_point_head = MLP(d_model, d_model, 2, 2)      # s = sigmoid(MLP(o_q))
 
     def forward(self, tgt, memory, pos, query_pos, attn_mask=None, record: bool = False):
@@ -260,8 +263,7 @@ class ConditionalTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])
-        # Without padding (e.g. one image) the mask changes nothing: skip it (faster attention).
-        key_padding_mask = mask if bool(mask.any()) else None
+        key_padding_mask = padding_mask_or_none(mask)
         memory = self.encoder(src, pos, key_padding_mask)
         attn_mask = make_attn_mask(key_padding_mask, None, memory.dtype)
         query_pos = self.query_embed.weight[None].to(memory.dtype)

@@ -32,10 +32,11 @@ from ...layers.dropout import Dropout
 from ...layers.ms_deform_attn import MSDeformAttn
 from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask
+from ..heads import at_least_float32
 from ..layers import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, flatten_level
+from .common import TransformerOutput, flatten_level, padding_mask_or_none
 
 __all__ = [
     "DeformableTransformer",
@@ -52,10 +53,6 @@ _CFG = "MODEL.SMCA_DETR.DEFORMABLE"
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     """``[B,H,W]`` padding mask -> ``[B,2]`` (valid columns / W, valid rows / H), float32."""
     _, h, w = mask.shape
@@ -378,11 +375,11 @@ class DeformableTransformer(nn.Module):
             sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
             level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
         else:
-            spatial_shapes = torch.as_tensor(spatial, dtype=torch.long, device=device)
+            spatial_shapes = torch.as_tensor(spatial, dtype=torch.long).to(device, non_blocking=True)
             starts = [0]
             for h, w in spatial[:-1]:
                 starts.append(starts[-1] + h * w)
-            level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+            level_start_index = torch.as_tensor(starts, dtype=torch.long).to(device, non_blocking=True)
 
         src_flatten = torch.cat([flatten_level(s) for s in srcs], 1)
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
@@ -393,10 +390,8 @@ class DeformableTransformer(nn.Module):
         ratios = valid_ratios(masks)
         enc_ref = encoder_reference_points(spatial, ratios)
         # The attention only uses the mask to zero padded values: with no padding in the batch (checked
-        # on the host where that costs no device sync) the masking work is skipped.
-        attn_mask = mask_flatten
-        if not mask_flatten.is_cuda and not bool(mask_flatten.any()):
-            attn_mask = None
+        # on the CPU only, where that costs no device sync) the masking work is skipped.
+        attn_mask = padding_mask_or_none(mask_flatten)
         memory = self.encoder(src_flatten, pos_flatten, enc_ref, spatial_shapes, level_start_index, attn_mask)
 
         extras = {"srcs": srcs, "masks": masks, "pos_embeds": pos, "spatial_shapes": spatial_shapes,
@@ -415,14 +410,15 @@ class DeformableTransformer(nn.Module):
             reference = topk_coords.sigmoid()
             query_embed = self.pos_trans_norm(self.pos_trans(sine_embed(reference, self.d_model // 2)))
             query_pos, tgt = query_embed.split(self.d_model, dim=-1)
-            enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coord_unact.sigmoid()}
+            enc_outputs = {"pred_logits": at_least_float32(enc_logits),
+                           "pred_boxes": at_least_float32(enc_coord_unact).sigmoid()}
             extras.update(output_memory=out_memory, output_proposals=proposals,
                           enc_outputs_coord_unact=enc_coord_unact, topk_proposals=topk)
         else:
             query_pos, tgt = self.query_embed.weight.split(self.d_model, dim=-1)
             query_pos = query_pos[None].expand(bs, -1, -1)
             tgt = tgt[None].expand(bs, -1, -1)
-            reference = _at_least_fp32(self.reference_points(query_pos)).sigmoid()
+            reference = at_least_float32(self.reference_points(query_pos)).sigmoid()
         extras.update(dec_tgt=tgt, dec_query_pos=query_pos, init_reference=reference)
 
         cross = [layer.cross_attn for layer in self.decoder.layers]

@@ -7,7 +7,7 @@ from ...layers.dropout import Dropout
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels)
+                     check_levels, padding_mask_or_none)
 
 __all__ = ["DETRTransformer", "TransformerDecoderLayer", "TransformerDecoder"]
 
@@ -83,8 +83,7 @@ class DETRTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])
-        # Without padding (e.g. one image) the mask changes nothing: skip it (faster attention).
-        mask = mask if bool(mask.any()) else None
+        mask = padding_mask_or_none(mask)
         memory = self.encoder(src, pos, mask)
         query_pos = self.query_embed.weight[None].expand(src.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)

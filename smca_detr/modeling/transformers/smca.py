@@ -44,7 +44,7 @@ from ...layers.tracing import shape_ints
 from ..layers import MLP, FFNMixin, MultiheadAttention
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels, image_wh)
+                     check_levels, image_wh, padding_mask_or_none)
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
            "image_wh", "prior_in_float32", "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
@@ -334,8 +334,7 @@ class SMCATransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
-        # Without padding (e.g. one image) the mask changes nothing: skip it (no -inf fill, faster SDPA).
-        key_padding_mask = mask if bool(mask.any()) else None
+        key_padding_mask = padding_mask_or_none(mask)  # None: no padding on the CPU (no -inf fill, faster)
         memory = self.encoder(src, pos, key_padding_mask)
         b = src.shape[0]
         query_pos = self.query_embed.weight[None].expand(b, -1, -1)
