@@ -1,7 +1,7 @@
 """Several processes on CPU (gloo) through ``train_net.py`` (issue 18, points 2-4):
 
-* preemption: SIGTERM to a ``--num-gpus 2`` run stops both ranks after the same iteration with a
-  checkpoint from rank 0 and exit status 75; ``--resume`` then ends bitwise-equal to the same run
+* preemption: SIGTERM to one worker of a ``--num-gpus 2`` run stops both ranks after the same
+  iteration with a checkpoint from rank 0 and exit status 75; ``--resume`` then ends bitwise-equal to the same run
   done uninterrupted on two simulated machines (``--num-machines 2 --machine-rank 0|1``, one process
   each), which is also the end-to-end check that the two launch paths agree;
 * failure of one process: every process exits non-zero within a bounded time and the last
@@ -54,6 +54,22 @@ def _wait(procs, timeout):
                 p.kill()
 
 
+def _worker_with_open_file(launcher_pid, name):
+    """The child process of ``launcher_pid`` that has a file called ``name`` open (Linux /proc)."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    for pid in children:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.path.basename(os.readlink(os.path.join(fd_dir, fd))) == name:
+                    return pid
+            except OSError:
+                pass
+    raise AssertionError(f"no child of {launcher_pid} has {name} open")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the rank-1 worker through /proc")
 def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path, root):
     opts = ["SOLVER.MAX_ITER", str(ITERS), "SOLVER.CHECKPOINT_PERIOD", "1000"]
     # reference: uninterrupted, two "machines" on this host, one process each
@@ -72,10 +88,10 @@ def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path,
         for line in proc.stdout:
             lines.append(line)
             if "Starting training from iteration 0" in line:
-                proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both workers
+                # to rank 1 alone: rank 0 must learn it through the per-iteration agreement
+                os.kill(_worker_with_open_file(proc.pid, "log.txt.rank1"), signal.SIGTERM)
                 break
-        lines += proc.stdout.readlines()
-        proc.wait(120)
+        lines.append(proc.communicate(timeout=120)[0])  # a hang fails here, not at the test timeout
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -112,3 +128,99 @@ def test_failure_of_one_process_ends_all_processes_and_keeps_the_last_checkpoint
     assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
     ckpt = safe_torch_load(str(out / "model_0000001.pth"))
     assert ckpt["iteration"] == 1 and ckpt["model"] and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
+
+
+# ------------------------------------------------------------------ one DDP step == one big step
+
+BOXES = [3, 2, 1, 0]  # rank 0 gets images 0-1 (5 boxes), rank 1 images 2-3 (1 box): normalisation matters
+
+
+def _step_cfg(focal):
+    from detectron2.config import get_cfg
+
+    from smca_detr.config import add_smca_detr_config
+    from train_step_helpers import TINY_R18_OPTS
+
+    cfg = add_smca_detr_config(get_cfg())
+    cfg.merge_from_list(TINY_R18_OPTS + ["MODEL.SMCA_DETR.DEC_LAYERS", "2", "MODEL.SMCA_DETR.NUM_QUERIES", "5",
+                                         "MODEL.SMCA_DETR.CLASS_LOSS", "focal" if focal else "softmax"])
+    return cfg
+
+
+def _step_batch(images):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(5)
+    batch = []
+    for n in BOXES:
+        xy = torch.rand(n, 2, generator=g) * 36
+        boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 18], 1)
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, 3, (n,), generator=g)
+        img = torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8)
+        batch.append({"image": img, "height": 64, "width": 64, "instances": inst})
+    return [batch[i] for i in images]
+
+
+def _one_step(focal, images, ddp):
+    """Gradients and weights of the tiny model after one AdamW step (full-model clipping on) on
+    ``images`` of the batch."""
+    from detectron2.engine.defaults import create_ddp_model
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.events import EventStorage
+
+    from smca_detr.engine import Trainer, TrainLoop
+
+    cfg = _step_cfg(focal)
+    seed_all_rng(0)
+    model = Trainer.build_model(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    if ddp:
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=None)
+    loop = TrainLoop(model, [_step_batch(images)], optimizer)
+    with EventStorage(0):
+        loop.iter = 0
+        loop.run_step()
+    module = model.module if ddp else model
+    return {n: (p.grad.clone(), p.detach().clone()) for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _ddp_step_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=2, rank=rank)
+    try:
+        result = {focal: _one_step(focal, [2 * rank, 2 * rank + 1], ddp=True) for focal in (False, True)}
+        torch.save(result, os.path.join(out_dir, f"step{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_steps(tmp_path_factory):
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp_step")
+    init_file = os.path.join(tempfile.mkdtemp(dir=str(out)), "init")
+    mp.spawn(_ddp_step_worker, args=(init_file, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"step{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_two_process_step_equals_one_process_step_on_the_whole_batch(ddp_steps, focal):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _one_step(focal, [0, 1, 2, 3], ddp=False)
+    finally:
+        torch.set_num_threads(prev)
+    ranks = [r[focal] for r in ddp_steps]
+    assert single.keys() == ranks[0].keys() == ranks[1].keys() and len(single) > 20
+    for name, (grad, weight) in single.items():
+        for r in ranks:  # both ranks hold the averaged gradient and the same updated weights
+            torch.testing.assert_close(r[name][0], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+            torch.testing.assert_close(r[name][1], weight, rtol=0, atol=1e-5, msg=lambda m: f"weight {name}: {m}")
