@@ -67,10 +67,11 @@ def assert_same_training_state(a, b):
     assert ca["trainer"]["hooks"] == cb["trainer"]["hooks"]  # the LR scheduler
 
 
-def tiny_synthetic_root(tmp_path_factory) -> str:
-    """A private dataset root with the tiny synthetic training split generated (16 images)."""
+def tiny_synthetic_root(tmp_path_factory, splits=("smca_synthetic_tiny_train",)) -> str:
+    """A private dataset root with the tiny synthetic ``splits`` generated (train: 16 images)."""
     from smca_detr.data import synthetic
 
     root = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.generate_split("smca_synthetic_tiny_train", root, progress=False)
+    for split in splits:
+        synthetic.generate_split(split, root, progress=False)
     return root

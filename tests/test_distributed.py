@@ -3,7 +3,8 @@
 * preemption: SIGTERM to one worker of a ``--num-gpus 2`` run stops both ranks after the same
   iteration with a checkpoint from rank 0 and exit status 75; ``--resume`` then ends bitwise-equal to the same run
   done uninterrupted on two simulated machines (``--num-machines 2 --machine-rank 0|1``, one process
-  each), which is also the end-to-end check that the two launch paths agree;
+  each, evaluated at the end with the distributed COCOEvaluator), which is also the end-to-end
+  check that the two launch paths agree;
 * failure of one process: every process exits non-zero within a bounded time and the last
   checkpoint is intact;
 * a 2-process DDP training step with B/2 images per process equals a 1-process step on the B
@@ -34,7 +35,7 @@ ITERS = 16  # long enough (> 1 s) for a signal sent once training has started to
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return tiny_synthetic_root(tmp_path_factory)
+    return tiny_synthetic_root(tmp_path_factory, ("smca_synthetic_tiny_train", "smca_synthetic_tiny_val"))
 
 
 def _free_port():
@@ -75,7 +76,9 @@ def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path,
     # reference: uninterrupted, two "machines" on this host, one process each
     machines, url = tmp_path / "machines", f"tcp://127.0.0.1:{_free_port()}"
     logs = [open(tmp_path / f"machine{r}.log", "w") for r in (0, 1)]
-    procs = [subprocess.Popen(train_net_cmd(machines, root, *opts, args=[
+    evaluate = ["DATASETS.TEST", "('smca_synthetic_tiny_val',)", "INPUT.MIN_SIZE_TEST", "64",
+                "INPUT.MAX_SIZE_TEST", "80"]  # at the end, with the distributed COCOEvaluator
+    procs = [subprocess.Popen(train_net_cmd(machines, root, *opts, *evaluate, args=[
         "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(r), "--dist-url", url]),
         cwd=REPO, env=cli_env(), stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
 
@@ -111,6 +114,8 @@ def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path,
     for r, p in enumerate(procs):
         logs[r].close()
         assert p.returncode == 0, (tmp_path / f"machine{r}.log").read_text()[-3000:]
+    assert "Evaluation results for bbox" in (tmp_path / "machine0.log").read_text()
+    assert (machines / "inference" / "coco_instances_results.json").is_file()
     assert_same_training_state(machines / "model_final.pth", out / "model_final.pth")
 
 
