@@ -70,6 +70,18 @@ def _worker_with_open_file(launcher_pid, name):
     raise AssertionError(f"no child of {launcher_pid} has {name} open")
 
 
+def _wait_for_handler(pid, sig, timeout=60):
+    """Until process ``pid`` catches ``sig`` (its trainer handles it while training)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not install a handler for {sig!r}")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the rank-1 worker through /proc")
 def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path, root):
     opts = ["SOLVER.MAX_ITER", str(ITERS), "SOLVER.CHECKPOINT_PERIOD", "1000"]
@@ -92,7 +104,9 @@ def test_sigterm_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path,
             lines.append(line)
             if "Starting training from iteration 0" in line:
                 # to rank 1 alone: rank 0 must learn it through the per-iteration agreement
-                os.kill(_worker_with_open_file(proc.pid, "log.txt.rank1"), signal.SIGTERM)
+                rank1 = _worker_with_open_file(proc.pid, "log.txt.rank1")
+                _wait_for_handler(rank1, signal.SIGTERM)
+                os.kill(rank1, signal.SIGTERM)
                 break
         lines.append(proc.communicate(timeout=120)[0])  # a hang fails here, not at the test timeout
     finally:

@@ -1,8 +1,8 @@
 """Preemption: stop at an iteration boundary on SIGTERM / SIGUSR1 with a checkpoint.
 
 Clusters announce the end of a job with a signal: SIGTERM (Slurm's ``scancel``, the end of the
-time limit, Kubernetes), SIGUSR1 (Slurm ``--signal=USR1@<seconds>``). Each training process
-records the signal (:func:`install_handlers`); :class:`PreemptionHook` all-reduces the flag after
+time limit, Kubernetes), SIGUSR1 (Slurm ``--signal=USR1@<seconds>``). While it trains, each
+process records the signal instead of dying (:func:`install_handlers`); :class:`PreemptionHook` all-reduces the flag after
 every iteration (one 1-element all-reduce), so every rank stops after the SAME iteration; rank 0
 writes ``model_<iteration>.pth`` (atomic, and ``last_checkpoint`` names it), all ranks wait for it,
 and the job exits with :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again"), which
@@ -20,13 +20,14 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "PreemptionHook", "forward_signals_to_children",
-           "install_handlers", "preemption_requested"]
+           "install_handlers", "preemption_requested", "restore_handlers"]
 
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL; not 128 + 15, which a shell reports for a killed process
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 _received = []
+_previous = {}  # the handlers install_handlers replaced
 
 
 class Preempted(SystemExit):
@@ -49,9 +50,20 @@ def install_handlers() -> bool:
     the handlers are installed)."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    _received.clear()
     for sig in SIGNALS:
-        signal.signal(sig, _record)
+        previous = signal.signal(sig, _record)
+        if previous is not _record:
+            _previous[sig] = previous
     return True
+
+
+def restore_handlers() -> None:
+    """Put back the handlers that :func:`install_handlers` replaced."""
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in list(_previous.items()):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            del _previous[sig]
 
 
 def preemption_requested() -> bool:
@@ -93,13 +105,21 @@ def _agree(flag: bool) -> bool:
 
 
 class PreemptionHook(HookBase):
-    """After each iteration: stop all ranks with a checkpoint if any rank received a signal."""
+    """Records SIGTERM / SIGUSR1 during training; after each iteration, stops all ranks with a
+    checkpoint if any rank received one. Before and after training (and during the final
+    checkpoint and evaluation) the signals act as before (e.g. kill)."""
 
     def before_train(self):
         install_handlers()
 
+    def after_train(self):
+        restore_handlers()
+
     def after_step(self):
         if not _agree(preemption_requested()):
+            if self.trainer.iter + 1 >= self.trainer.max_iter:
+                # no iteration left to stop after: the final checkpoint / evaluation may be killed
+                restore_handlers()
             return
         it = self.trainer.iter
         self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)  # rank 0 writes

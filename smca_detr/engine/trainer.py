@@ -44,7 +44,7 @@ from ..config import add_smca_detr_config
 from ..data.train_loader import ITERATION_DOMAIN, build_positioned_train_loader, derive_seed, seed_all
 from .checkpointer import SmcaDetrCheckpointer
 from .optimizer import build_optimizer as _build_optimizer
-from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children, install_handlers
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children
 
 __all__ = [
     "Trainer",
@@ -232,7 +232,6 @@ class Trainer(DefaultTrainer):
         # Same construction order as DefaultTrainer.__init__, with TrainLoop instead of
         # SimpleTrainer / AMPTrainer and the atomic checkpointer.
         TrainerBase.__init__(self)
-        install_handlers()  # SIGTERM / SIGUSR1 from now on: checkpoint at the next iteration's end
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
@@ -403,7 +402,6 @@ def setup(args):
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     import torch.distributed as dist
 
-    install_handlers()  # a signal forwarded by the launcher during start-up must not kill the worker
     global_rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
                             timeout=timeout)
