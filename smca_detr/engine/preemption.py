@@ -2,8 +2,9 @@
 
 Clusters announce the end of a job with a signal: SIGTERM (Slurm's ``scancel``, the end of the
 time limit, Kubernetes), SIGUSR1 (Slurm ``--signal=USR1@<seconds>``). While it trains, each
-process records the signal instead of dying (:func:`install_handlers`); :class:`PreemptionHook` all-reduces the flag after
-every iteration (one 1-element all-reduce), so every rank stops after the SAME iteration; rank 0
+process records the signal instead of dying (:func:`install_handlers`); :class:`PreemptionHook`
+all-reduces the flag after every iteration (one 1-element all-reduce), so every rank stops after
+the SAME iteration; rank 0
 writes ``model_<iteration>.pth`` (atomic, and ``last_checkpoint`` names it), all ranks wait for it,
 and the job exits with :data:`PREEMPTED_EXIT_CODE` (75, ``EX_TEMPFAIL``: "try again"), which
 ``--resume`` continues exactly. ``launch`` forwards the signals from the launcher process to the
