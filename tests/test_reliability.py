@@ -19,7 +19,9 @@ Covered elsewhere and not repeated here:
     matcher / loss inputs (test_engine.py::test_bf16_train_step_on_cpu_with_fp32_matcher_and_losses);
   resume: exact weights / optimizer / scheduler after a crash (test_engine.py::
     test_resume_gives_identical_weights_and_optimizer_state), atomic save on a failing write
-    (::test_checkpoint_save_is_atomic); gloo launch (::test_launch_two_cpu_processes_with_gloo).
+    (::test_checkpoint_save_is_atomic); gloo launch (::test_launch_two_cpu_processes_with_gloo);
+    bitwise resume in a new process (test_resume.py); preemption, a failing process, a DDP step
+    against a 1-process step, two simulated machines (test_distributed.py).
 """
 import argparse
 import contextlib
