@@ -2,7 +2,7 @@
 exact resume, atomic checkpoints), ``setup`` and ``launch`` for ``train_net.py``."""
 from .checkpointer import SmcaDetrCheckpointer, atomic_write
 from .optimizer import add_full_model_gradient_clipping, build_optimizer, get_param_groups, lr_multiplier_of
-from .trainer import ResumableSampler, Trainer, TrainLoop, amp_dtype, has_fast_coco_eval, launch, setup
+from .trainer import Trainer, TrainLoop, amp_dtype, has_fast_coco_eval, launch, setup
 
 __all__ = [
     "SmcaDetrCheckpointer",
@@ -11,7 +11,6 @@ __all__ = [
     "build_optimizer",
     "get_param_groups",
     "lr_multiplier_of",
-    "ResumableSampler",
     "Trainer",
     "TrainLoop",
     "amp_dtype",

@@ -5,18 +5,22 @@ Works with detectron2 v0.6 and current main (features are detected, versions nev
 * ``TrainLoop`` replaces SimpleTrainer / AMPTrainer: autocast in SOLVER.AMP.PRECISION ("float16"
   with a GradScaler, "bfloat16" without) on the model's device type, so bf16 also trains on CPU
   (v0.6's AMPTrainer asserts CUDA and has no dtype argument).
-* Resume (``resume_or_load(resume=True)``) restores the model, the optimizer, the LR scheduler, the
-  iteration and the GradScaler on both versions: the trainer state is saved as
-  ``{"iteration", "hooks", "_trainer": {"optimizer", "grad_scaler"?}}`` (main's layout; v0.6's
-  DefaultTrainer saves no optimizer state at all). The training sampler continues its index stream
-  after the last finished iteration instead of replaying the first images again.
+* Exact resume, also in a new process (``resume_or_load(resume=True)``): the checkpoint holds the
+  model, the optimizer, the LR scheduler, the iteration, the GradScaler and the run's seed, saved as
+  ``{"iteration", "hooks", "seed", "_trainer": {"optimizer", "grad_scaler"?}}`` (main's layout; v0.6's
+  DefaultTrainer saves no optimizer state at all). Nothing else is needed because every random
+  stream restarts from the position: the data stream (images, order, augmentations) is a function
+  of (seed, rank, iteration) (``smca_detr.data.train_loader``), and each iteration seeds Python,
+  numpy and torch (CPU, CUDA; this also decides the dropout masks) from (seed, rank, iteration)
+  before its forward pass. SEED < 0 draws a seed once and saves it.
 * Checkpoints are written atomically (``SmcaDetrCheckpointer``).
+* Preemption (SIGTERM / SIGUSR1): checkpoint after the current iteration on all ranks, exit status
+  75 (``smca_detr.engine.preemption``).
 * ``launch`` runs ``--num-gpus 1`` in-process (also on CPU) and spawns gloo workers on machines
   without CUDA (v0.6's launch requires CUDA/NCCL for more than one process).
 """
 import contextlib
 import inspect
-import itertools
 import logging
 import os
 import time
@@ -25,11 +29,9 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
-from torch.utils.data import Sampler
-
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -39,13 +41,14 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_smca_detr_config
+from ..data.train_loader import ITERATION_DOMAIN, build_positioned_train_loader, derive_seed, seed_all
 from .checkpointer import SmcaDetrCheckpointer
 from .optimizer import build_optimizer as _build_optimizer
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children
 
 __all__ = [
     "Trainer",
     "TrainLoop",
-    "ResumableSampler",
     "amp_dtype",
     "has_fast_coco_eval",
     "launch",
@@ -100,10 +103,13 @@ class TrainLoop(SimpleTrainer):
         model, data_loader, optimizer: as for detectron2's ``SimpleTrainer``.
         precision: None (float32) | torch.bfloat16 | torch.float16 (autocast dtype).
         grad_scaler: a GradScaler (float16) or None; created for float16 when not given.
+        seed: when given, each iteration seeds Python, numpy and torch with a seed derived from
+            (seed, rank, iteration) after reading its batch, so that a resumed run continues the
+            random streams (e.g. dropout) exactly.
     """
 
     def __init__(self, model, data_loader, optimizer, *, precision: Optional[torch.dtype] = None,
-                 grad_scaler=None):
+                 grad_scaler=None, seed: Optional[int] = None):
         # SimpleTrainer of v0.6 calls iter(data_loader) right away, which would start data-loader
         # workers before ``resume_or_load`` has told the sampler where to continue: give it an empty
         # iterable and create our own iterator lazily on the first step.
@@ -118,6 +124,7 @@ class TrainLoop(SimpleTrainer):
         if precision == torch.float16 and grad_scaler is None:
             grad_scaler = _make_grad_scaler(self.device_type)
         self.grad_scaler = grad_scaler
+        self.seed = seed
 
     # data ---------------------------------------------------------------------------------------
     def next_batch(self):
@@ -143,8 +150,11 @@ class TrainLoop(SimpleTrainer):
     def run_step(self):
         assert self.model.training, "[smca_detr TrainLoop] model was changed to eval mode!"
         start = time.perf_counter()
+        _injected_failure(self.iter)
         data = self.next_batch()
         data_time = time.perf_counter() - start
+        if self.seed is not None:
+            seed_all(derive_seed(self.seed, ITERATION_DOMAIN, comm.get_rank(), self.iter))
 
         with self.autocast():
             loss_dict = self.model(data)
@@ -193,21 +203,12 @@ class TrainLoop(SimpleTrainer):
                 logger.warning("The checkpoint has no GradScaler state; the scaler starts afresh.")
 
 
-# ---------------------------------------------------------------------------------------- sampler
-
-
-class ResumableSampler(Sampler):
-    """Wraps an infinite training sampler and drops its first ``start`` indices, so that a resumed
-    run continues the index stream where the interrupted one stopped (``start`` = finished
-    iterations × per-process batch size). Exact for one aspect-ratio group; with several groups
-    detectron2 batches images per group, and the continuation is approximate."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-        self.start = 0
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.start, None)
+def _injected_failure(iteration: int) -> None:
+    """Test hook (tests/test_distributed.py): ``SMCA_DETR_TEST_FAIL_AT=RANK:ITER`` makes that rank
+    raise at the start of that iteration, as a bad batch or an out-of-memory error would."""
+    spec = os.environ.get("SMCA_DETR_TEST_FAIL_AT")
+    if spec and spec == f"{comm.get_rank()}:{iteration}":
+        raise RuntimeError(f"SMCA_DETR_TEST_FAIL_AT={spec}: injected failure")
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -234,6 +235,12 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        self._random_seed = cfg.SEED < 0
+        if self._random_seed:  # one seed for all ranks, saved in the checkpoints
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SEED = comm.shared_random_seed()
+            cfg.freeze()
         precision = amp_dtype(cfg)
 
         model = self.build_model(cfg)
@@ -245,7 +252,7 @@ class Trainer(DefaultTrainer):
         if param is not None and param.device.type == "cpu":
             ddp_kwargs["device_ids"] = None  # CPU (gloo) DDP takes no device ids
         model = create_ddp_model(model, **ddp_kwargs)
-        self._trainer = TrainLoop(model, data_loader, optimizer, precision=precision)
+        self._trainer = TrainLoop(model, data_loader, optimizer, precision=precision, seed=cfg.SEED)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SmcaDetrCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -257,20 +264,20 @@ class Trainer(DefaultTrainer):
     # ------------------------------------------------------------------ resume
     def resume_or_load(self, resume=True):
         """Resume from the last checkpoint in OUTPUT_DIR (model, optimizer, scheduler, iteration,
-        GradScaler; the data stream continues after the last finished iteration) when ``resume``
-        and one exists; otherwise load ``cfg.MODEL.WEIGHTS`` only and start at iteration 0."""
+        GradScaler, seed; data and random streams continue after the last finished iteration) when
+        ``resume`` and one exists; otherwise load ``cfg.MODEL.WEIGHTS`` only and start at 0."""
         super().resume_or_load(resume=resume)
         self._continue_data_stream(self.start_iter)
 
     def _continue_data_stream(self, start_iter: int):
-        sampler = getattr(self.data_loader, "smca_resumable_sampler", None)
-        if sampler is None:
+        batches = getattr(self.data_loader, "positioned_batch_sampler", None)
+        if batches is None:
             if start_iter > 0:
                 logger.warning("The training data loader cannot skip finished iterations "
                                f"(DATALOADER.SAMPLER_TRAIN={self.cfg.DATALOADER.SAMPLER_TRAIN}); the "
                                "resumed run restarts its data stream from the beginning.")
             return
-        sampler.start = start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        batches.start = start_iter
         self._trainer.reset_data_iter()
 
     def state_dict(self):
@@ -278,10 +285,24 @@ class Trainer(DefaultTrainer):
         # (optimizer, GradScaler) under "_trainer": the layout of detectron2 main, on every version
         ret = TrainerBase.state_dict(self)
         ret["_trainer"] = self._trainer.state_dict()
+        ret["seed"] = int(self.cfg.SEED)
         return ret
 
     def load_state_dict(self, state_dict):
         TrainerBase.load_state_dict(self, state_dict)
+        seed = state_dict.get("seed")
+        if seed is not None and int(seed) != self.cfg.SEED:
+            if self._random_seed:  # SEED < 0: continue the run's drawn seed
+                cfg = self.cfg.clone()
+                cfg.defrost()
+                cfg.SEED = int(seed)
+                cfg.freeze()
+                self.cfg = cfg
+                self._trainer.seed = cfg.SEED
+                self._trainer.reset_data_loader(lambda: self.build_train_loader(cfg))
+            else:
+                logger.warning(f"The checkpoint was trained with SEED {seed}, this run has SEED {self.cfg.SEED}: "
+                               "the resumed run continues with other random streams.")
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
@@ -302,19 +323,28 @@ class Trainer(DefaultTrainer):
 
         # get_detection_dataset_dicts + checks: names registered, category ids, degenerate boxes
         dataset = build_train_dataset_dicts(cfg)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        name = cfg.DATALOADER.SAMPLER_TRAIN
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()  # Trainer sets SEED >= 0
+        if name == "TrainingSampler":
+            sampler = TrainingSampler(len(dataset), seed=seed)
+        elif name == "RepeatFactorTrainingSampler":
+            factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+                dataset, cfg.DATALOADER.REPEAT_THRESHOLD)
+            sampler = RepeatFactorTrainingSampler(factors, seed=seed)
+        else:
             return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
-        sampler = ResumableSampler(TrainingSampler(len(dataset)))
-        loader = build_detection_train_loader(
-            dataset=dataset,
-            mapper=mapper,
-            sampler=sampler,
-            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-            num_workers=cfg.DATALOADER.NUM_WORKERS,
-        )
-        loader.smca_resumable_sampler = sampler
-        return loader
+        world_size = comm.get_world_size()
+        total = cfg.SOLVER.IMS_PER_BATCH
+        if total % world_size:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of processes "
+                             f"({world_size})")
+        return build_positioned_train_loader(
+            dataset, mapper, sampler, batch_size=total // world_size, seed=seed, rank=comm.get_rank(),
+            world_size=world_size, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    def build_hooks(self):
+        return super().build_hooks() + [PreemptionHook()]
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -384,19 +414,36 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
                 comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
     try:
-        main_func(*args)
+        return main_func(*args)
     finally:
         dist.destroy_process_group()
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
            timeout=timedelta(minutes=30)):
-    """detectron2's ``launch`` with two additions: a single process runs ``main_func`` in place and
-    returns its result (any device, CPU included); several processes on a machine without CUDA are
-    spawned with the gloo backend (detectron2 v0.6 only knows NCCL)."""
+    """detectron2's ``launch`` with these additions: a single process runs ``main_func`` in place
+    and returns its result (any device, CPU included); several processes on a machine without CUDA
+    use the gloo backend (detectron2 v0.6 only knows NCCL), one per machine running in place;
+    SIGTERM / SIGUSR1 received by this process are forwarded to the spawned workers; workers that
+    stopped for preemption make this process exit with PREEMPTED_EXIT_CODE too (``Preempted``).
+    When one worker fails, the others are terminated (torch's ``spawn``) and the error is raised."""
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
         return main_func(*args)
+    restore = forward_signals_to_children()
+    try:
+        return _launch_workers(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args,
+                               timeout)
+    except Exception as e:
+        if getattr(e, "exit_code", None) == PREEMPTED_EXIT_CODE:  # torch's ProcessExitedException
+            raise Preempted(f"workers stopped for preemption ({e})") from None
+        raise
+    finally:
+        restore()
+
+
+def _launch_workers(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
+    world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available():
         from detectron2.engine.launch import launch as d2_launch
 
@@ -412,6 +459,8 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             dist_url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    if num_gpus_per_machine == 1:  # one process on this machine: this one
+        return _cpu_worker(0, main_func, world_size, 1, machine_rank, dist_url, args, timeout)
     mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine,
              args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
              daemon=False)

@@ -78,7 +78,7 @@ class SetCriterion(nn.Module):
         }
 
     # ------------------------------------------------------------------ single-layer losses
-    def _class_losses(self, logits, targets, indices, num_boxes):
+    def _class_losses(self, logits, targets, indices, num_boxes, ce_norm=None):
         bs, nq, nc = logits.shape
         batch_idx, src_idx = _permutation(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
@@ -89,7 +89,11 @@ class SetCriterion(nn.Module):
         else:
             target_classes = torch.full((bs, nq), nc - 1, dtype=torch.int64, device=logits.device)
             target_classes[batch_idx, src_idx] = matched_labels
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+            weight = self.empty_weight.to(logits.dtype)
+            if ce_norm is None:  # one process: the weighted mean over the queries (official DETR)
+                loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+            else:  # several: the weighted sum over the global mean of the weight sums (see ce_norm)
+                loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="sum") / ce_norm
         with torch.no_grad():
             if len(matched_labels):
                 acc = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).to(logits.dtype).mean() * 100
@@ -113,8 +117,8 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def _layer_losses(self, logits, boxes, targets, indices, num_boxes, suffix, losses):
-        for name, value in {**self._class_losses(logits, targets, indices, num_boxes),
+    def _layer_losses(self, logits, boxes, targets, indices, num_boxes, suffix, losses, ce_norm=None):
+        for name, value in {**self._class_losses(logits, targets, indices, num_boxes, ce_norm),
                             **self._box_losses(boxes, targets, indices, num_boxes)}.items():
             if name == "class_error" and suffix:
                 continue  # official convention: class_error is logged for the final layer only
@@ -131,6 +135,20 @@ class SetCriterion(nn.Module):
         torch.distributed.all_reduce(n)
         return torch.clamp(n / comm.get_world_size(), min=1).item()
 
+    def ce_norm(self, targets, num_queries: int, device):
+        """Softmax CE on several processes: the weight sum of the official weighted mean (no-object
+        weight for the unmatched queries, 1 for the min(Q, n_i) matched ones) averaged over the
+        processes, so that DDP's mean of the per-process gradients is the gradient of the
+        one-process loss on all images. None on one process (F.cross_entropy's mean, unchanged)."""
+        if self.focal or comm.get_world_size() == 1:
+            return None
+        eos = float(self.empty_weight[-1])
+        matched = sum(min(num_queries, len(t["labels"])) for t in targets)
+        w = torch.as_tensor([matched + (num_queries * len(targets) - matched) * eos], dtype=torch.float64,
+                            device=device)
+        torch.distributed.all_reduce(w)
+        return (w / comm.get_world_size()).item()
+
     def compute(self, outputs: Dict, targets: List[Dict]):
         """Unweighted losses (incl. logging-only ``class_error`` / ``cardinality_error``) and the
         matcher indices per layer (``final``, ``aux_i``, ``enc``; CPU tensors). Runs in float32. All
@@ -141,6 +159,7 @@ class SetCriterion(nn.Module):
             logits_all = at_least_float32(logits_all)
             boxes_all = at_least_float32(outputs["pred_boxes"])
             num_boxes = self.num_boxes(targets, logits_all.device)
+            ce_norm = self.ce_norm(targets, logits_all.shape[2], logits_all.device)
             n_layers = logits_all.shape[0]
             # (key, suffix, logits, boxes, targets) of every matched output: final, aux_i, enc
             layers = [("final", "", logits_all[-1], boxes_all[-1], targets)]
@@ -155,8 +174,9 @@ class SetCriterion(nn.Module):
             indices = {key: ind for (key, *_), ind in zip(layers, matched)}
             on_device = _indices_to(matched, logits_all.device)
             losses = {}
-            for (_, suffix, lg, bx, tg), ind in zip(layers, on_device):
-                self._layer_losses(lg, bx, tg, ind, num_boxes, suffix, losses)
+            for (key, suffix, lg, bx, tg), ind in zip(layers, on_device):
+                # the class-agnostic encoder loss (two-stage, focal) never takes the softmax norm
+                self._layer_losses(lg, bx, tg, ind, num_boxes, suffix, losses, None if key == "enc" else ce_norm)
         return losses, indices
 
     def weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
