@@ -91,7 +91,7 @@ def benchmark(model, path, size, rounds, profile="", threads=0):
     import torch
 
     from smca_detr.export import OnnxPredictor
-    from smca_detr.utils.speed import ratio_summary, synthetic_inputs, time_alternately
+    from bench_common import ratio_summary, synthetic_inputs, time_alternately  # tools/ (the script's folder)
 
     if threads:
         torch.set_num_threads(threads)
