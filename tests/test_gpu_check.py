@@ -1,19 +1,15 @@
 """tools/gpu_check.py without a GPU: it refuses to run, its tables, and its CPU dry run (the same
 sections at tiny sizes)."""
-import importlib.util
 import json
 import os
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tool_helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("smca_gpu_check", os.path.join(REPO, "tools", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_check")
 
 
 def test_without_cuda_it_says_so_and_fails(monkeypatch, capsys, tmp_path):
