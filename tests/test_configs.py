@@ -8,6 +8,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from smca_detr import add_smca_detr_config
+from smca_detr.engine import Trainer
+from train_step_helpers import make_cfg
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-"))
@@ -56,3 +58,14 @@ def test_bad_config_values_fail_at_build_time_naming_the_key(opts, match):
     cfg = load_cfg(CONFIG_DIR / "demo" / "detr_r18_synthetic.yaml", opts)
     with pytest.raises((ValueError, KeyError), match=match):
         build_model(cfg)
+
+
+# ------------------------------------------------------------------ checks at build time
+
+
+@pytest.mark.parametrize("family,features", [("SMCAMultiScaleTransformer", "['res5','res4']"),
+                                             ("DeformableTransformer", "['res5','res4','res3']")])
+def test_in_features_coarse_first_fail_at_build_time(family, features):
+    cfg = make_cfg(["MODEL.SMCA_DETR.IN_FEATURES", features], family=family)
+    with pytest.raises(ValueError, match=r"MODEL\.SMCA_DETR\.IN_FEATURES.*finest first"):
+        Trainer.build_model(cfg)
