@@ -114,8 +114,7 @@ def test_backbone_only_weights_initialise_the_backbone(tmp_path, tiny_detr):
         SmcaDetrCheckpointer(build(make_cfg(), seed=7)).load(_save(tmp_path, "partial.pth", partial))
 
 
-
-# ============================================================================ 7. untrusted files
+# ------------------------------------------------------------------------------ untrusted files
 
 
 class _Payload:

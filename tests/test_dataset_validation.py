@@ -48,7 +48,6 @@ def _record(path, annos, hw=(64, 64), image_id=0):
     return {"file_name": path, "image_id": image_id, "height": hw[0], "width": hw[1], "annotations": annos}
 
 
-
 def test_empty_crowd_only_degenerate_gray_rgba_images_train_with_one_warning(tmp_path):
     """Through the trainer's loader: an image without annotations, a crowd-only RGBA image, a
     grayscale image whose boxes are all degenerate or outside, and an image with a box partly

@@ -156,8 +156,6 @@ def _detections(results_json):
     return by_image
 
 
-
-
 def test_evaluation_does_not_depend_on_the_number_of_processes(two_process_results, eval_setup, tmp_path):
     out, ranks = two_process_results
     name, json_file, image_root, weights = eval_setup

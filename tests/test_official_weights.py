@@ -416,7 +416,6 @@ def _fake_official(kind, tmp_path, num_classes=None):
     return cfg, path, sd
 
 
-
 def _run(model, image):
     with torch.no_grad():
         inst = model([{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": 72, "width": 100}])

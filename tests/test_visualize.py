@@ -26,7 +26,6 @@ FAMILIES = {"smca": ("smca_r50", "SMCATransformer"),
             "deformable": ("deformable_detr_r50", "DeformableTransformer")}
 
 
-
 # ----------------------------------------------------------------------------------------- demo
 
 
