@@ -480,56 +480,17 @@ def test_official_checkpoint_of_another_config_is_refused(tmp_path):
     assert detect_official_format({"model": model.state_dict()}) is None
 
 
-def _parse_key_listing(path):
-    """``{section: {official key: shape}}`` of a ``keys/*.txt`` listing of a full-size official model
-    (later sections may be given as differences to an earlier one: ``# vs <base>: removed [...]``)."""
-    import ast
-
-    sections, current = {}, None
-    for line in open(path):
-        line = line.rstrip("\n")
-        m = (re.match(r"^# (\w+): \d+ state_dict entries", line)
-             or re.match(r"^# official state_dict of (\S+):", line))
-        if m:
-            current = sections.setdefault(m.group(1), {})
-            continue
-        if line.startswith("# vs "):
-            current.update(sections[line.split()[2].rstrip(":")])
-            removed = re.search(r"removed (\[.*?\])", line)
-            for k in ast.literal_eval(removed.group(1)) if removed else []:
-                current.pop(k)
-            continue
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")[:2]
-        current[key] = ast.literal_eval(shape)
-    return sections
-
-
-FULL_SIZE = [  # (key listing, section, shipped config)
-    ("conditional_detr_full_model_keys.txt", "R50", "conditional_detr_r50"),
-    ("deformable_detr_full_model_keys.txt", "plain", "deformable_detr_r50"),
-    ("deformable_detr_full_model_keys.txt", "box_refine", "deformable_detr_r50_refine"),
-    ("deformable_detr_full_model_keys.txt", "two_stage", "deformable_detr_r50_two_stage"),
-    ("smca_official_keys_multi_scale_r50_type3.txt", "multi_scale_r50_type3", "smca_r50_conv_ms"),
-    ("smca_official_keys_single_scale_r50_type3.txt", "single_scale_r50_type3", "smca_r50"),
-]
-
-
-@pytest.mark.parametrize("listing,section,config", FULL_SIZE, ids=[c for _, _, c in FULL_SIZE])
-def test_shipped_config_loads_full_size_official_checkpoint(listing, section, config):
+@pytest.mark.parametrize("config,listing", [(c, k) for c, k, _ in FORMATS.values()],
+                         ids=[c for c, _, _ in FORMATS.values()])
+def test_shipped_config_loads_full_size_official_checkpoint(config, listing):
     """Every key / shape of the full-size official model converts onto the shipped config's model
     (strict), the 91/92 COCO class rows are remapped to 80. The model is built on the meta device
     (shapes only, no memory, no init time)."""
     from detectron2.modeling import META_ARCH_REGISTRY
 
     from smca_detr.checkpoint.official import convert_official_checkpoint
-    from parity_common import parity_dir
 
-    path = parity_dir() / "keys" / listing
-    if not path.is_file():
-        pytest.skip(f"no key listing {path}")
-    shapes = _parse_key_listing(path)[section]
+    shapes, _ = official_listing(listing)
     official = {k: torch.zeros(s) for k, s in shapes.items()}  # tied official keys must hold equal values
     cfg = model_zoo.get_config(config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     with torch.device("meta"):
