@@ -1,5 +1,10 @@
 """Every shipped YAML loads with detectron2's config system + add_smca_detr_config and builds its
-model at full size (no weights loaded)."""
+model at full size (no weights loaded); bad values fail at build time naming the key; the model zoo
+API lists, finds and builds the shipped configs.
+
+Variant-specific config checks are in the family's test file (test_smca.py, test_smca_multiscale.py,
+test_conditional.py, test_deformable.py)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +12,12 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from smca_detr import add_smca_detr_config
+from smca_detr import add_smca_detr_config, model_zoo
+from smca_detr.engine import Trainer
+from tool_helpers import TINY
+from train_step_helpers import make_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-"))
@@ -56,3 +66,40 @@ def test_bad_config_values_fail_at_build_time_naming_the_key(opts, match):
     cfg = load_cfg(CONFIG_DIR / "demo" / "detr_r18_synthetic.yaml", opts)
     with pytest.raises((ValueError, KeyError), match=match):
         build_model(cfg)
+
+
+# ------------------------------------------------------------------ checks at build time
+
+
+@pytest.mark.parametrize("family,features", [("SMCAMultiScaleTransformer", "['res5','res4']"),
+                                             ("DeformableTransformer", "['res5','res4','res3']")])
+def test_in_features_coarse_first_fail_at_build_time(family, features):
+    cfg = make_cfg(["MODEL.SMCA_DETR.IN_FEATURES", features], family=family)
+    with pytest.raises(ValueError, match=r"MODEL\.SMCA_DETR\.IN_FEATURES.*finest first"):
+        Trainer.build_model(cfg)
+
+
+# ------------------------------------------------------------------------------------ model zoo
+
+
+def test_model_zoo_lists_and_builds_configs():
+    names = model_zoo.list_configs()
+    for expected in ("smca_r50", "smca_r50_conv_ms", "conditional_detr_r50", "deformable_detr_r50",
+                     "demo/detr_r18_synthetic"):
+        assert expected in names
+    assert not any(Path(n).name.startswith("Base-") for n in names)
+    path = model_zoo.get_config_file("smca_r50")
+    assert os.path.isfile(path) and path.endswith("smca_r50.yaml")
+    assert model_zoo.get_config_file("smca_r50.yaml") == path
+    # packaged copy (setup.py package_data) resolves to the same files in a source checkout
+    assert (Path(model_zoo.__file__).parent / "configs" / "Base-DETR.yaml").is_file()
+    with pytest.raises(FileNotFoundError, match="available"):
+        model_zoo.get_config_file("no_such_config")
+    cfg = model_zoo.get_config("deformable_detr_r50")
+    assert cfg.MODEL.SMCA_DETR.TRANSFORMER == "DeformableTransformer" and cfg.MODEL.SMCA_DETR.NUM_QUERIES == 300
+    model = model_zoo.build_model_from_config("deformable_detr_r50", opts=TINY)
+    assert not model.training and type(model.transformer).__name__ == "DeformableTransformer"
+    assert model.cfg.MODEL.SMCA_DETR.HIDDEN_DIM == 32
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8), "height": 64, "width": 80}])
+    assert out[0]["instances"].pred_boxes.tensor.shape == (100, 4)  # top-100 of 10 queries x 80 classes

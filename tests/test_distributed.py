@@ -11,7 +11,7 @@
   images (gradients and updated weights), for the softmax and the focal loss.
 
 The 2-process evaluation (distributed COCOEvaluator == 1-process AP) is
-test_reliability.py::test_evaluation_does_not_depend_on_the_number_of_processes.
+test_distributed_equivalence.py::test_evaluation_does_not_depend_on_the_number_of_processes.
 """
 import datetime
 import os

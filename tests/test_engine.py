@@ -33,7 +33,7 @@ from smca_detr.engine import (
 from smca_detr.engine import trainer as trainer_mod
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
-from train_step_helpers import NUM_CLASSES, TINY_R18_OPTS
+from train_step_helpers import NUM_CLASSES, TINY_R18_OPTS, _autocast_on, _batch, build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, VAL = "smca_engine_test_train", "smca_engine_test_val"
@@ -243,13 +243,6 @@ def test_few_steps_on_a_fixed_batch_reduce_the_loss(tiny_dataset):
 
 
 # ------------------------------------------------------------------------------------ AMP (bf16)
-
-
-def _autocast_on():
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
 
 
 def test_bf16_train_step_on_cpu_with_fp32_matcher_and_losses(tiny_dataset, monkeypatch):
@@ -525,3 +518,21 @@ def test_build_evaluator_generates_embedded_synthetic_split(tmp_path, monkeypatc
     finally:
         synthetic._root_override = prev_override
         synthetic.register_synthetic_datasets(prev_root)
+
+
+# ------------------------------------------------------------------------------- numerical safety
+
+
+def test_non_finite_predictions_stop_training_naming_the_iteration():
+    cfg = make_cfg()
+    model = build(cfg)
+    heads_forward = model.heads.forward
+
+    def nan_boxes(hs, references):
+        logits, boxes = heads_forward(hs, references)
+        return logits, boxes * float("nan")
+
+    model.heads.forward = nan_boxes
+    loop = TrainLoop(model, iter([_batch([(64, 64)] * 2, [1, 2])]), build_optimizer(cfg, model))
+    with pytest.raises(FloatingPointError, match=r"non-finite.*at iteration 5\b"):
+        loop.train(5, 6)  # detectron2's loop: EventStorage(5), storage.iter kept equal to trainer.iter

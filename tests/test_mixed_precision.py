@@ -1,16 +1,25 @@
 """Mixed precision (autocast bf16 / fp16, GradScaler) numerics on CPU: the SMCA Gaussian prior in
-float32, finite attention masks in fp16, gradient clipping on unscaled gradients with fused AdamW."""
+float32, finite attention masks in fp16, gradient clipping on unscaled gradients with fused AdamW,
+float32 losses under autocast, and a bf16 train step of every model family (network in bf16,
+criterion in float32)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.utils.events import EventStorage
 
 from smca_detr.config import add_smca_detr_config
+from smca_detr.engine import TrainLoop, build_optimizer
+from smca_detr.modeling.criterion import SetCriterion
+from smca_detr.modeling.matcher import HungarianMatcher
+from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
 from smca_detr.modeling.transformers.smca import SMCADecoderLayer, SMCATransformer
 from smca_detr.modeling.transformers.smca_conv_multiscale import SMCAConvMultiScaleTransformer
 from smca_detr.modeling.transformers.smca_multiscale import MultiScaleSMCADecoderLayer, SMCAMultiScaleTransformer
+from train_step_helpers import FAMILIES, NUM_CLASSES, _autocast_on, _batch, build, make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -168,3 +177,85 @@ def test_fp16_attention_mask_stays_finite_where_keys_are_valid():
         explicit, weights = attn(x, mem, mem, attn_bias=full, need_weights=True)
     assert torch.isfinite(fused).all() and torch.isfinite(explicit).all()
     assert (weights[padded] == 0).all()
+
+
+# ------------------------------------------------------------------ losses and train steps under autocast
+
+
+def _autocast_works(dtype):
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
+def test_losses_are_float32_under_autocast(dtype, focal):
+    if not _autocast_works(dtype):
+        pytest.skip(f"CPU autocast to {dtype} not supported by this torch")
+    nl = NUM_CLASSES if focal else NUM_CLASSES + 1
+    crit = SetCriterion(matcher=HungarianMatcher(cost_class=2, focal=focal), num_logits=nl,
+                        class_loss="focal" if focal else "softmax")
+    g = torch.Generator().manual_seed(0)
+    out = {"pred_logits": torch.randn(2, 2, 5, nl, generator=g).to(dtype),
+           "pred_boxes": (torch.rand(2, 2, 5, 4, generator=g) * 0.4 + 0.3).to(dtype)}
+    if focal:
+        out["enc_outputs"] = {"pred_logits": torch.randn(2, 7, nl, generator=g).to(dtype),
+                              "pred_boxes": (torch.rand(2, 7, 4, generator=g) * 0.4 + 0.3).to(dtype)}
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.4, 0.3, 0.3]])}]
+    with torch.autocast("cpu", dtype=dtype):
+        losses, _ = crit.compute(out, targets)
+        weighted = crit(out, targets)
+    ref, _ = crit.compute({k: ({kk: vv.float() for kk, vv in v.items()} if isinstance(v, dict) else v.float())
+                           for k, v in out.items()}, targets)
+    assert set(losses) == set(ref) and len(weighted) >= 6
+    for name, value in list(losses.items()) + list(weighted.items()):
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+    for name, value in losses.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_train_step_for_every_model_family(family):
+    name = family.split("/")[0]
+    if name not in TRANSFORMER_REGISTRY:
+        pytest.skip(f"{name} is not registered (yet)")
+    cfg = make_cfg(["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"], family=family)
+    model = build(cfg)
+    loop = TrainLoop(model, iter([_batch([(64, 64), (64, 48)], [2, 1])]), build_optimizer(cfg, model),
+                     precision=torch.bfloat16)
+    seen = {}
+
+    def heads_hook(module, inputs, out):
+        seen.setdefault("heads", out[0].dtype)
+
+    def linear_hook(module, inputs, out):
+        seen.setdefault("head_linear", out.dtype)
+
+    model.heads.register_forward_hook(heads_hook)
+    next(m for m in model.heads.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(linear_hook)
+    criterion_forward = model.criterion.forward
+
+    def spy(outputs, targets):
+        seen["autocast_in_criterion"] = _autocast_on()
+        losses = criterion_forward(outputs, targets)
+        seen["losses"] = {k: v.dtype for k, v in losses.items()}
+        return losses
+
+    model.criterion.forward = spy
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    with EventStorage(0) as storage:
+        loop.iter = 0
+        loop.run_step()
+        total = storage.latest()["total_loss"][0]
+    assert np.isfinite(total) and total > 0
+    assert seen["head_linear"] == torch.bfloat16  # the network ran under bf16 autocast ...
+    assert seen["heads"] == torch.float32  # (logits and boxes leave the heads in float32)
+    assert seen["autocast_in_criterion"]  # ... and the criterion was called inside it
+    assert seen["losses"] and set(seen["losses"].values()) == {torch.float32}, seen["losses"]
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > len(after) // 2

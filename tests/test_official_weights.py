@@ -11,6 +11,12 @@
   objectness score, read by position).
 * A torchvision ResNet checkpoint as torchvision publishes it is converted on load: the backbone
   then computes torchvision's features on the same image.
+* The official transformer / head weights of a parity fixture (tiny official models) with an
+  official-named backbone, loaded through ``MODEL.WEIGHTS``, equal the converter run by hand (same
+  weights, same detections); another class count skips the class head with one warning; a
+  checkpoint of another config is refused; every key of the full-size official models converts
+  onto the shipped config's model (meta device).
+* The converter command line (smca_detr.checkpoint.cli, tools/convert_*.py).
 """
 import argparse
 import logging
@@ -20,9 +26,18 @@ import re
 import pytest
 import torch
 
-from parity_common import deformable_official_listing, official_key_listing
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from parity_common import deformable_official_listing, fixture_files, load_fixture, official_key_listing
 from smca_detr import model_zoo
-from smca_detr.checkpoint import coco_official_columns
+from smca_detr.checkpoint import coco_official_columns, safe_torch_load
+from smca_detr.checkpoint.common import rename_official_backbone_key
+from smca_detr.checkpoint.official import OfficialCheckpointError, detect_official_format
+from smca_detr.config import add_smca_detr_config
+from smca_detr.engine import SmcaDetrCheckpointer
+from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
+from tool_helpers import _image, load_tool as _load_tool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "propagate_logs")  # conftest.py
 
@@ -286,3 +301,252 @@ def test_own_two_stage_checkpoint_for_another_class_count_keeps_the_objectness_r
     prior = coco.state_dict()["heads.class_embed.0.bias"][0]  # focal prior: the initialisation
     assert torch.equal(got["heads.class_embed.0.bias"], torch.full((20,), float(prior)))
     assert "class-agnostic" in caplog.text and "proposals are the checkpoint's" in caplog.text
+
+
+# ----------------------------------------- parity fixtures through MODEL.WEIGHTS == the converters by hand
+
+
+def _official_backbone_key(ours: str) -> str:
+    """Inverse of ``rename_official_backbone_key`` (detectron2 ResNet -> torchvision names)."""
+    k = ours[len("backbone.body."):]
+    k = re.sub(r"^stem\.conv1\.norm\.", "bn1.", k)
+    k = re.sub(r"^stem\.conv1\.", "conv1.", k)
+    k = re.sub(r"^res(\d)\.", lambda m: f"layer{int(m.group(1)) - 1}.", k)
+    k = k.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.", ".downsample.0.")
+    k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
+    official = "backbone.0.body." + k
+    assert rename_official_backbone_key(official) == ours, (ours, official)
+    return official
+
+
+def _resnet_for_levels(cfg, strides, channels):
+    """A tiny detectron2 R50 whose levels have the fixture's channels (res_k: RES2 * stride / 4)."""
+    stage = {8: "res3", 16: "res4", 32: "res5"}
+    r = cfg.MODEL.RESNETS
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    r.DEPTH, r.STEM_OUT_CHANNELS, r.WIDTH_PER_GROUP, r.NORM, r.RES5_DILATION = 50, 8, 2, "FrozenBN", 1
+    r.RES2_OUT_CHANNELS = channels[0] * 4 // strides[0]
+    assert all(r.RES2_OUT_CHANNELS * s // 4 == ch for s, ch in zip(strides, channels))
+    r.OUT_FEATURES = [stage[s] for s in strides]
+    cfg.MODEL.SMCA_DETR.IN_FEATURES = list(r.OUT_FEATURES)
+
+
+def _cfg_from_fixture(kind, c, num_classes=None):
+    cfg = add_smca_detr_config(get_cfg())
+    m = cfg.MODEL.SMCA_DETR
+    m.CLASS_LOSS = "focal"
+    if kind.startswith("smca"):
+        m.TRANSFORMER = "SMCAConvMultiScaleTransformer" if kind == "smca_conv_ms" else "SMCATransformer"
+        m.HIDDEN_DIM, m.NHEADS = c["d_model"], c["nheads"]
+        m.NUM_CLASSES = c["num_logits"]
+        m.SMCA.DYNAMIC_SCALE, m.SMCA.SMOOTH = c["dynamic_scale"], c["smooth"]
+        m.PRE_NORM = c["normalize_before"]
+        levels = list(c["backbone_level_channels"])
+        strides = list(c["feature_strides"][: len(levels)])
+    else:
+        m.TRANSFORMER = "ConditionalTransformer" if kind == "conditional" else "DeformableTransformer"
+        m.HIDDEN_DIM, m.NHEADS = c["d_model"], c["nhead"]
+        m.NUM_CLASSES = c["num_classes"]
+        if kind == "conditional":
+            levels, strides = [c["backbone_channels"]], [c["backbone_stride"]]
+        else:
+            levels, strides = list(c["backbone_channels"]), list(c["backbone_strides"])
+            d = m.DEFORMABLE
+            d.NUM_FEATURE_LEVELS, d.ENC_N_POINTS, d.DEC_N_POINTS = (c["num_feature_levels"], c["enc_n_points"],
+                                                                    c["dec_n_points"])
+            d.WITH_BOX_REFINE, d.TWO_STAGE = c["with_box_refine"], c["two_stage"]
+            d.MSDA_IMPL = "pytorch"
+    m.DIM_FEEDFORWARD = c["dim_feedforward"]
+    m.ENC_LAYERS, m.DEC_LAYERS = c["num_encoder_layers"], c["num_decoder_layers"]
+    m.NUM_QUERIES = c["num_queries"]
+    if num_classes is not None:
+        m.NUM_CLASSES = num_classes
+    _resnet_for_levels(cfg, strides, levels)
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
+    return cfg
+
+
+OFFICIAL_CASES = {  # kind -> (fixture glob, manual converter, class rows of our model or None = fixture's)
+    "smca": ("smca_single_type3.pt", 80),
+    "smca_conv_ms": ("smca_multiscale_type3.pt", 80),
+    "conditional": ("conditional_detr_small.pt", None),
+    "deformable": ("deformable_detr_small_box_refine.pt", None),
+}
+
+
+def _manual_convert(kind, sd, coco):
+    if kind.startswith("smca"):
+        from smca_detr.checkpoint.smca import convert_official_smca
+
+        return convert_official_smca(sd, keep_all_classes=not coco)
+    if kind == "conditional":
+        from smca_detr.checkpoint.conditional import convert_official_conditional_detr
+
+        return convert_official_conditional_detr(sd, keep_all_classes=not coco)
+    from smca_detr.checkpoint.deformable import convert_official_deformable_detr
+
+    return convert_official_deformable_detr(sd, keep_all_classes=not coco)
+
+
+def _fake_official(kind, tmp_path, num_classes=None):
+    """(cfg, path of a fake official checkpoint, its state dict): official transformer/head keys of a
+    parity fixture + an official-named random backbone, saved as {"model", "args"}."""
+    pattern, rows = OFFICIAL_CASES[kind]
+    files = fixture_files(pattern)
+    if not files:
+        pytest.skip(f"no parity fixture {pattern}")
+    fx = load_fixture(files[0])
+    cfg = _cfg_from_fixture(kind, fx["config"], num_classes if num_classes is not None else rows)
+    if cfg.MODEL.SMCA_DETR.TRANSFORMER not in TRANSFORMER_REGISTRY:
+        pytest.skip(f"{cfg.MODEL.SMCA_DETR.TRANSFORMER} is not registered yet")
+    torch.manual_seed(0)
+    template = build_model(cfg)
+    sd = dict(fx["state_dict"])
+    g = torch.Generator().manual_seed(1)
+    for k, v in template.state_dict().items():
+        if k.startswith("backbone."):
+            if "running_var" in k:
+                value = torch.rand(v.shape, generator=g) + 0.5
+            else:
+                value = torch.randn(v.shape, generator=g) * 0.1
+            sd[_official_backbone_key(k)] = value
+    path = tmp_path / f"official_{kind}.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(epochs=50, lr=1e-4), "epoch": 49}, path)
+    return cfg, path, sd
+
+
+def _run(model, image):
+    with torch.no_grad():
+        inst = model([{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": 72, "width": 100}])
+    return inst[0]["instances"]
+
+
+@pytest.mark.parametrize("kind", list(OFFICIAL_CASES))
+def test_official_checkpoint_through_model_weights(kind, tmp_path, caplog):
+    cfg, path, sd = _fake_official(kind, tmp_path)
+    assert detect_official_format(safe_torch_load(path)) is not None
+    cfg.MODEL.WEIGHTS = str(path)
+    torch.manual_seed(0)
+    ours = build_model(cfg).eval()
+    caplog.set_level(logging.INFO)
+    SmcaDetrCheckpointer(ours, save_dir=str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    info = [r.getMessage() for r in caplog.records if "Detected an official" in r.getMessage()]
+    assert len(info) == 1 and f"converted {len(sd)} keys" in info[0], info
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    torch.manual_seed(1)
+    by_hand = build_model(cfg).eval()
+    coco = OFFICIAL_CASES[kind][1] == 80
+    by_hand.load_state_dict(_manual_convert(kind, sd, coco), strict=True)
+    a, b = ours.state_dict(), by_hand.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    image = _image()
+    ra, rb = _run(ours, image), _run(by_hand, image)
+    assert torch.equal(ra.pred_boxes.tensor, rb.pred_boxes.tensor) and torch.equal(ra.scores, rb.scores)
+    assert torch.equal(ra.pred_classes, rb.pred_classes)
+
+
+def test_official_class_count_mismatch_skips_head_with_one_warning(tmp_path, caplog):
+    cfg, path, sd = _fake_official("smca", tmp_path, num_classes=12)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    caplog.set_level(logging.INFO)
+    SmcaDetrCheckpointer(model).load(str(path))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "class head NOT loaded" in warnings[0] and "92" in warnings[0], warnings
+    from smca_detr.checkpoint.smca import convert_official_smca
+
+    expected = convert_official_smca(sd, keep_all_classes=True)
+    for k, v in model.state_dict().items():
+        if k.startswith("heads.class_embed."):
+            assert torch.equal(v, init[k]), k  # initialisation kept
+        else:
+            assert torch.equal(v, expected[k]), k
+
+
+def test_official_checkpoint_of_another_config_is_refused(tmp_path):
+    cfg, path, _ = _fake_official("conditional", tmp_path)
+    # a download without a .pth suffix (URL basename) is recognised as well
+    plain = tmp_path / "download"
+    plain.write_bytes(path.read_bytes())
+    assert "__official_format__" in SmcaDetrCheckpointer(build_model(cfg)).load(str(plain))
+    cfg.MODEL.SMCA_DETR.DEC_LAYERS += 1
+    model = build_model(cfg)
+    with pytest.raises(OfficialCheckpointError, match="does not fit the model"):
+        SmcaDetrCheckpointer(model).load(str(path))
+    # our own checkpoints are not mistaken for official ones
+    assert detect_official_format({"model": model.state_dict()}) is None
+
+
+@pytest.mark.parametrize("config,listing", [(c, k) for c, k, _ in FORMATS.values()],
+                         ids=[c for c, _, _ in FORMATS.values()])
+def test_shipped_config_loads_full_size_official_checkpoint(config, listing):
+    """Every key / shape of the full-size official model converts onto the shipped config's model
+    (strict), the 91/92 COCO class rows are remapped to 80. The model is built on the meta device
+    (shapes only, no memory, no init time)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from smca_detr.checkpoint.official import convert_official_checkpoint
+
+    shapes, _ = official_listing(listing)
+    official = {k: torch.zeros(s) for k, s in shapes.items()}  # tied official keys must hold equal values
+    cfg = model_zoo.get_config(config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    converted, info = convert_official_checkpoint({"model": official, "args": argparse.Namespace()},
+                                                  model.state_dict())
+    assert info["class_head"] == "remapped" and info["num_keys"] == len(official)
+    target = model.state_dict()
+    assert converted.keys() == target.keys()
+    assert all(converted[k].shape == target[k].shape for k in target)
+    assert converted["heads.class_embed.bias" if "heads.class_embed.bias" in target
+                     else "heads.class_embed.0.bias"].shape == (80,)
+
+
+# ------------------------------------------------------------------------------- converter CLI
+
+
+def _fake_conditional_checkpoint(path, rows=91):
+    """An official-looking Conditional DETR file: class head (row i filled with i) + one backbone key."""
+    sd = {"class_embed.weight": torch.arange(float(rows)).repeat_interleave(4).view(rows, 4),
+          "class_embed.bias": torch.arange(float(rows)),
+          "backbone.0.body.conv1.weight": torch.ones(8, 3, 7, 7)}
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
+    return sd
+
+
+def test_converter_cli_helper(tmp_path, capsys):
+    from smca_detr.checkpoint.cli import build_parser, run_converter
+    from smca_detr.checkpoint.common import coco_official_columns
+    from smca_detr.checkpoint.conditional import convert_official_conditional_detr
+
+    src, dst = tmp_path / "official.pth", tmp_path / "new" / "ours.pth"
+    _fake_conditional_checkpoint(src)
+    assert run_converter("conditional", convert_official_conditional_detr, [str(src), str(dst)]) == 0
+    out = safe_torch_load(dst)
+    assert out["__author__"] == "smca_detr convert_conditional_detr" and out["matching_heuristics"] is False
+    assert list(out["model"]) == ["heads.class_embed.weight", "heads.class_embed.bias",
+                                  "backbone.body.stem.conv1.weight"]
+    assert out["model"]["heads.class_embed.bias"].tolist() == [float(c) for c in coco_official_columns()]
+    assert capsys.readouterr().out.strip() == f"wrote {dst}: 3 tensors, 80 class logits"
+
+    # the tool is a thin wrapper with the same command line; a small head needs --keep-all-classes
+    tool = _load_tool("convert_conditional_detr")
+    small, dst2 = tmp_path / "small.pth", tmp_path / "small_out.pth"
+    _fake_conditional_checkpoint(small, rows=12)
+    with pytest.raises(ValueError, match="91-row head"):
+        tool.main([str(small), str(dst2)])
+    assert not dst2.exists()
+    assert tool.main([str(small), str(dst2), "--keep-all-classes"]) == 0
+    assert safe_torch_load(dst2)["model"]["heads.class_embed.weight"].shape == (12, 4)
+    with pytest.raises(KeyError, match="unknown converter family"):
+        run_converter("detr", convert_official_conditional_detr, [str(src), str(dst)])
+
+    # per-family options: --config/--opts verify (conditional, deformable), --kind (smca)
+    def options(family):
+        return {o for a in build_parser(family)._actions for o in a.option_strings}
+
+    assert {"--keep-all-classes", "--config", "--opts"} <= options("deformable") and "--kind" not in options("deformable")
+    assert "--kind" in options("smca") and "--config" not in options("smca")

@@ -1,6 +1,7 @@
-"""Shared pieces of the tool tests (``test_tools.py``, ``test_benchmark_tools.py``): tiny config
-overrides for any shipped config, a 2 + 2 image dataset, and loading a ``tools/`` script as a module
-(with ``tools/`` on ``sys.path``, as when the script runs)."""
+"""Shared pieces of the tool tests (``test_visualize.py``, ``test_eval_report.py``,
+``test_benchmark_tools.py``, ``test_official_weights.py``, ``test_configs.py``): tiny config
+overrides for any shipped config, a 2 + 2 image dataset, a random test picture, and loading a
+``tools/`` script as a module (with ``tools/`` on ``sys.path``, as when the script runs)."""
 import copy
 import importlib.util
 import sys
@@ -31,6 +32,15 @@ DATA = [
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.DETR.CROP_ENABLED", "False",
     "INPUT.RANDOM_FLIP", "none", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
 ]
+
+
+def _image(h=72, w=100, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
+    img[h // 4: h // 2, w // 5: w // 2] = (220, 60, 60)
+    return img
+
+
 def load_tool(name):
     """``tools/<name>.py`` (or ``train_net.py``) loaded as a module, ``tools/`` importable by it."""
     tools = str(REPO / "tools")

@@ -7,7 +7,7 @@ multiple of the largest stride, a feature pixel's mask value only depends on its
 the official code, the backbone's convolutions do see the padded canvas (after the first conv + norm
 the padding is no longer zero), so an image padded to a larger canvas can give slightly different
 detections; detectron2's test loader runs one image per process, so evaluation is unaffected
-(tests/test_reliability.py pins both facts down).
+(tests/test_padding.py pins both facts down).
 """
 from typing import List, Sequence, Tuple
 
