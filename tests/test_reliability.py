@@ -51,12 +51,11 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import smca_detr  # noqa: F401
-from smca_detr.checkpoint import UnsafeCheckpointError, safe_torch_load
+from smca_detr.checkpoint import CheckpointMismatchError, SmcaDetrCheckpointer, UnsafeCheckpointError, safe_torch_load
 from smca_detr.config import add_smca_detr_config
 from smca_detr.data.mapper import ImageReadError
 from smca_detr.data.validation import DatasetNotRegisteredError, InvalidDatasetError
-from smca_detr.engine import SmcaDetrCheckpointer, Trainer, TrainLoop, build_optimizer
-from smca_detr.engine.checkpoint_compat import CheckpointMismatchError
+from smca_detr.engine import Trainer, TrainLoop, build_optimizer
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
 from smca_detr.modeling.registry import TRANSFORMER_REGISTRY

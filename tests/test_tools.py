@@ -27,7 +27,7 @@ from smca_detr.checkpoint import safe_torch_load
 from smca_detr.checkpoint.common import rename_official_backbone_key
 from smca_detr.checkpoint.official import OfficialCheckpointError, detect_official_format
 from smca_detr.config import add_smca_detr_config
-from smca_detr.engine import SmcaDetrCheckpointer
+from smca_detr.checkpoint import SmcaDetrCheckpointer
 from smca_detr.engine.report import REPORT_FIELDS, write_benchmark_report
 from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
 from smca_detr.utils.visualize import attention_maps, grid_size, render_attention

@@ -20,7 +20,7 @@ __all__ = ["SmcaDetrCheckpointer", "atomic_write"]
 
 logger = logging.getLogger(__name__)
 
-from smca_detr.checkpoint.shipped import register_shipped_handler  # noqa: E402
+from .shipped import register_shipped_handler  # noqa: E402
 
 register_shipped_handler()  # MODEL.WEIGHTS "smca_detr://<file>": checkpoints shipped in the package
 
@@ -114,20 +114,20 @@ class SmcaDetrCheckpointer(DetectionCheckpointer):
             raise
 
     def _load_file(self, filename: str):
-        self._smca_source = filename  # named in checkpoint_compat's messages
+        self._smca_source = filename  # named in .matching's messages
         if filename.endswith((".pth", ".pt")) and os.path.isfile(filename):
-            from smca_detr.checkpoint import safe_torch_load
+            from .safe_load import safe_torch_load
 
             loaded = safe_torch_load(filename, map_location="cpu")
             if not isinstance(loaded, dict) or "model" not in loaded:
                 loaded = {"model": loaded}
             # official SMCA / Conditional / Deformable DETR checkpoints are converted on load
-            from smca_detr.checkpoint.official import convert_if_official
+            from .official import convert_if_official
 
             return convert_if_official(loaded, self.model, thing_classes=self.thing_classes, log=self.logger)
-        # .pkl / .pyth / other files: read without running pickled code (checkpoint_compat)
-        from .checkpoint_compat import load_checkpoint_file
-        from smca_detr.checkpoint.official import convert_if_official
+        # .pkl / .pyth / other files: read without running pickled code (.matching)
+        from .matching import load_checkpoint_file
+        from .official import convert_if_official
 
         loaded = load_checkpoint_file(self, filename, fallback=super()._load_file)
         # e.g. an official checkpoint downloaded from a URL without a .pth suffix
@@ -135,6 +135,6 @@ class SmcaDetrCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         # strict key matching; only a class head of another class count is skipped (ONE warning)
-        from .checkpoint_compat import load_model_strictly
+        from .matching import load_model_strictly
 
         return load_model_strictly(self, checkpoint, super()._load_model)

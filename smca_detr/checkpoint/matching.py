@@ -76,7 +76,7 @@ def is_class_head_key(key: str) -> bool:
 
 def safe_pickle_load(path: str) -> Any:
     """``pickle.load(encoding="latin1")`` restricted to :data:`SAFE_PICKLE_GLOBALS`."""
-    from smca_detr.checkpoint import UnsafeCheckpointError
+    from .safe_load import UnsafeCheckpointError
 
     class _Restricted(pickle.Unpickler):
         def find_class(self, module, name):
@@ -117,7 +117,7 @@ def load_checkpoint_file(checkpointer, filename: str, fallback: Optional[Callabl
             raise FileNotFoundError(filename)
         return fallback(filename)
     log = getattr(checkpointer, "logger", logger)
-    from smca_detr.checkpoint import safe_torch_load
+    from .safe_load import safe_torch_load
 
     if filename.endswith(".pkl") and not zipfile.is_zipfile(filename):  # a zip is torch.save's format
         data = safe_pickle_load(filename)
@@ -163,7 +163,7 @@ def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dic
         bool(ckpt_keys) and all(k.startswith("backbone.") for k in ckpt_keys))
 
     # the two-stage encoder head is class-agnostic: kept (first rows) even when the class heads are skipped
-    from smca_detr.checkpoint.common import objectness_head_keys, objectness_head_note, objectness_rows
+    from .common import objectness_head_keys, objectness_head_note, objectness_rows
 
     agnostic_keys = set(objectness_head_keys(checkpointer.model.state_dict()))
     objectness = {}
