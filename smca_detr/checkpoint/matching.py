@@ -1,19 +1,8 @@
-"""How ``SmcaDetrCheckpointer`` reads checkpoint files and matches them against the model.
+"""How ``SmcaDetrCheckpointer`` matches a checkpoint against the model (:func:`load_model_strictly`).
 
-Reading (:func:`load_checkpoint_file`): no checkpoint format may run code while it is read.
-
-* ``.pkl`` (detectron2 / Caffe2 model zoo, e.g. the ImageNet ``R-50.pkl`` of ``MODEL.WEIGHTS``):
-  detectron2 reads these with plain ``pickle.load``, which runs whatever a crafted file asks for.
-  Here a restricted unpickler accepts only numpy arrays / dtypes / scalars and plain containers;
-  anything else raises :class:`~smca_detr.checkpoint.UnsafeCheckpointError` naming the file and the
-  class. The post-processing is detectron2's (model-zoo dict vs. Caffe2 ``blobs``).
-* everything else (``.pth``, ``.pt``, ``.pyth``, no extension): ``safe_torch_load``
-  (``weights_only=True``); ``.pyth`` gets detectron2's pycls post-processing.
-
-Matching (:func:`load_model_strictly`): detectron2's ``DetectionCheckpointer`` loads with
-``strict=False``: a parameter whose shape differs is skipped with one log line, missing and
-unexpected keys only produce warnings, so a wrong checkpoint leaves parts of the model randomly
-initialised without stopping anything. Policy here:
+detectron2's ``DetectionCheckpointer`` loads with ``strict=False``: a parameter whose shape differs
+is skipped with one log line, missing and unexpected keys only produce warnings, so a wrong
+checkpoint leaves parts of the model randomly initialised without stopping anything. Policy here:
 
 * class head (``heads.class_embed[.i].weight`` / ``.bias``) whose shape differs from the model's in
   the number of rows only (another class count, e.g. fine-tuning a COCO model on a new dataset):
@@ -26,41 +15,24 @@ initialised without stopping anything. Policy here:
 * anything else -- missing keys, unexpected keys, other shape mismatches -- raises
   :class:`CheckpointMismatchError` naming the file and the keys (with shapes). Missing
   ``num_batches_tracked`` counters of BatchNorm layers are tolerated (logged).
+
+Files are read by :func:`~smca_detr.checkpoint.safe_load.load_checkpoint_file` before this.
 """
 import logging
-import os
-import pickle
 import re
-import zipfile
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
-__all__ = [
-    "CheckpointMismatchError",
-    "SAFE_PICKLE_GLOBALS",
-    "is_class_head_key",
-    "load_checkpoint_file",
-    "load_model_strictly",
-    "safe_pickle_load",
-]
+from .common import objectness_head_keys, objectness_head_note, objectness_rows
+
+__all__ = ["CheckpointMismatchError", "is_class_head_key", "load_model_strictly"]
 
 logger = logging.getLogger(__name__)
 
 _CLASS_HEAD = re.compile(r"^heads\.class_embed(\.\d+)?\.(weight|bias)$")
 _DCN_OFFSET = re.compile(r"\.conv2_offset\.(weight|bias)$")  # detectron2's DeformBottleneckBlock
-
-# (module, name) a detectron2 / Caffe2 model-zoo pickle may reference: numpy arrays and plain data.
-SAFE_PICKLE_GLOBALS = frozenset({
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
-})
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -71,72 +43,8 @@ def is_class_head_key(key: str) -> bool:
     return bool(_CLASS_HEAD.match(key))
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-
-def safe_pickle_load(path: str) -> Any:
-    """``pickle.load(encoding="latin1")`` restricted to :data:`SAFE_PICKLE_GLOBALS`."""
-    from .safe_load import UnsafeCheckpointError
-
-    class _Restricted(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) in SAFE_PICKLE_GLOBALS:
-                return super().find_class(module, name)
-            raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {path}: it references {module}.{name}; only numpy arrays "
-                "and plain containers are accepted in .pkl files (a pickle can run arbitrary code)")
-
-    with open(path, "rb") as f:
-        try:
-            return _Restricted(f, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {path}: not a plain pickle of numpy arrays ({e})") from None
-
-
-def _from_pkl(data: Any, path: str, log: logging.Logger) -> Dict:
-    # detectron2's DetectionCheckpointer._load_file for .pkl, after a safe read
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict in the .pkl checkpoint, got {type(data).__name__}")
-    if "model" in data and "__author__" in data:
-        log.info("Reading a file from '{}'".format(data["__author__"]))
-        return data
-    if "blobs" in data:  # Caffe2 detection models
-        data = data["blobs"]
-    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-
-
-def load_checkpoint_file(checkpointer, filename: str, fallback: Optional[Callable[[str], Dict]] = None) -> Dict:
-    """The body of ``SmcaDetrCheckpointer._load_file``: read ``filename`` without running pickled
-    code (see the module docstring). ``fallback`` (detectron2's reader) is used only for a path that
-    is not a local file. Remembers the file name for the messages of :func:`load_model_strictly`."""
-    checkpointer._smca_source = filename
-    if not os.path.isfile(filename):
-        if fallback is None:
-            raise FileNotFoundError(filename)
-        return fallback(filename)
-    log = getattr(checkpointer, "logger", logger)
-    from .safe_load import safe_torch_load
-
-    if filename.endswith(".pkl") and not zipfile.is_zipfile(filename):  # a zip is torch.save's format
-        data = safe_pickle_load(filename)
-        # a pickled magic number first is torch's legacy format: read by safe_torch_load below
-        if not (isinstance(data, int) and data == getattr(torch.serialization, "MAGIC_NUMBER", None)):
-            return _from_pkl(data, filename, log)
-
-    loaded = safe_torch_load(filename, map_location="cpu")
-    if filename.endswith(".pyth"):  # pycls (detectron2's handling)
-        if not isinstance(loaded, dict) or "model_state" not in loaded:
-            raise ValueError(f"Cannot load .pyth file {filename}; pycls checkpoints must contain 'model_state'.")
-        state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
-        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-    if not isinstance(loaded, dict) or "model" not in loaded:
-        loaded = {"model": loaded}
-    return loaded
-
-
-# ----------------------------------------------------------------------------------------- matching
+def _strip_ddp(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
 
 
 def _num_classes(logits: int, focal: Optional[bool]) -> str:
@@ -152,29 +60,24 @@ def _fmt(keys: List[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_model_strictly(checkpointer, checkpoint: Dict, base_load: Callable[[Dict], Any]):
+def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[[Dict], Any],
+                        source: Optional[str] = None):
     """The body of ``SmcaDetrCheckpointer._load_model``: ``base_load`` (detectron2's non-strict
-    ``_load_model``) loads what fits, then the mismatches are judged by the policy of the module
-    docstring. Returns detectron2's ``_IncompatibleKeys`` without the tolerated entries (so the
-    generic per-key warnings are not repeated) or raises :class:`CheckpointMismatchError`."""
-    source = getattr(checkpointer, "_smca_source", None) or "<checkpoint>"
-    ckpt_keys = [k[len("module."):] if k.startswith("module.") else k for k in checkpoint.get("model", {})]
+    ``_load_model``) loads what fits into ``model``, then the mismatches are judged by the policy of
+    the module docstring; ``source`` (the file name) is named in the messages. Returns detectron2's
+    ``_IncompatibleKeys`` without the tolerated entries (so the generic per-key warnings are not
+    repeated) or raises :class:`CheckpointMismatchError`."""
+    source = source or "<checkpoint>"
+    ckpt_keys = [_strip_ddp(k) for k in checkpoint.get("model", {})]
     backbone_init = bool(checkpoint.get("matching_heuristics", False)) or (
         bool(ckpt_keys) and all(k.startswith("backbone.") for k in ckpt_keys))
 
     # the two-stage encoder head is class-agnostic: kept (first rows) even when the class heads are skipped
-    from .common import objectness_head_keys, objectness_head_note, objectness_rows
-
-    agnostic_keys = set(objectness_head_keys(checkpointer.model.state_dict()))
-    objectness = {}
-    for k, v in checkpoint.get("model", {}).items():
-        name = k[len("module."):] if k.startswith("module.") else k
-        if name in agnostic_keys:
-            objectness[name] = v
+    agnostic_keys = set(objectness_head_keys(model.state_dict()))
+    objectness = {_strip_ddp(k): v for k, v in checkpoint.get("model", {}).items() if _strip_ddp(k) in agnostic_keys}
     incompatible = base_load(checkpoint)
     if incompatible is None:
         return None
-    model = checkpointer.model
     focal = getattr(model, "focal", None)
 
     class_skipped, bad_shapes = [], []
