@@ -12,7 +12,8 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import smca_detr  # noqa: F401  (registers the meta-architecture, transformers and datasets)
-from smca_detr.engine import SmcaDetrCheckpointer, Trainer, launch, setup
+from smca_detr.checkpoint import SmcaDetrCheckpointer
+from smca_detr.engine import Trainer, launch, setup
 from smca_detr.engine.preflight import check_or_exit
 from smca_detr.engine.report import eval_only_report
 

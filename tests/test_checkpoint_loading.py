@@ -18,8 +18,8 @@ from detectron2.utils.env import seed_all_rng
 
 import smca_detr  # noqa: F401
 from smca_detr.checkpoint import UnsafeCheckpointError, safe_torch_load
-from smca_detr.engine import SmcaDetrCheckpointer, Trainer
-from smca_detr.engine.checkpoint_compat import CheckpointMismatchError
+from smca_detr.checkpoint import CheckpointMismatchError, SmcaDetrCheckpointer
+from smca_detr.engine import Trainer
 from train_step_helpers import build, captured, make_cfg, synthetic_root  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

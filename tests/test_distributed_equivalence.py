@@ -16,7 +16,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
 import smca_detr  # noqa: F401
-from smca_detr.engine import SmcaDetrCheckpointer, Trainer
+from smca_detr.checkpoint import SmcaDetrCheckpointer
+from smca_detr.engine import Trainer
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
 from train_step_helpers import NUM_CLASSES, _assert_same_detections, _png, build, make_cfg

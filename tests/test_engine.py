@@ -21,9 +21,9 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWriter
 
 import smca_detr  # noqa: F401
+from smca_detr.checkpoint import SmcaDetrCheckpointer
 from smca_detr.config import add_smca_detr_config
 from smca_detr.engine import (
-    SmcaDetrCheckpointer,
     Trainer,
     TrainLoop,
     build_optimizer,

@@ -35,7 +35,7 @@ from smca_detr.checkpoint import coco_official_columns, safe_torch_load
 from smca_detr.checkpoint.common import rename_official_backbone_key
 from smca_detr.checkpoint.official import OfficialCheckpointError, detect_official_format
 from smca_detr.config import add_smca_detr_config
-from smca_detr.engine import SmcaDetrCheckpointer
+from smca_detr.checkpoint import SmcaDetrCheckpointer
 from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
 from tool_helpers import _image, load_tool as _load_tool
 

@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from smca_detr.checkpoint import shipped
 from smca_detr.checkpoint.shipped import PREFIX, export_for_shipping
 from smca_detr.config import add_smca_detr_config
-from smca_detr.engine.checkpointer import SmcaDetrCheckpointer
+from smca_detr.checkpoint import SmcaDetrCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "configs", "demo", "smca_r18_slim_synthetic.yaml")

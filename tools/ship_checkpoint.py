@@ -27,9 +27,8 @@ def main(argv=None):
 
     import torch
 
-    from smca_detr.checkpoint import safe_torch_load
+    from smca_detr.checkpoint import atomic_write, safe_torch_load
     from smca_detr.checkpoint.shipped import export_for_shipping
-    from smca_detr.engine.checkpointer import atomic_write
 
     ckpt = safe_torch_load(args.input, map_location="cpu")
     meta = dict(kv.split("=", 1) for kv in args.meta)

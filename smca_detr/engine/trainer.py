@@ -40,9 +40,9 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import SmcaDetrCheckpointer
 from ..config import add_smca_detr_config
 from ..data.train_loader import ITERATION_DOMAIN, build_positioned_train_loader, derive_seed, seed_all
-from .checkpointer import SmcaDetrCheckpointer
 from .optimizer import build_optimizer as _build_optimizer
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children
 

@@ -130,7 +130,7 @@ def load_weights(model: torch.nn.Module, weights: str, cfg=None) -> dict:
     Deformable DETR checkpoint or a torchvision ResNet; local path or URL) into ``model`` with
     ``SmcaDetrCheckpointer``.
     Returns what the checkpointer returns (``"__official_format__"`` names a converted format)."""
-    from ..engine.checkpointer import SmcaDetrCheckpointer
+    from ..checkpoint import SmcaDetrCheckpointer
 
     ckpt = SmcaDetrCheckpointer(model)
     if cfg is not None:

@@ -1,4 +1,4 @@
-"""DetectionCheckpointer with atomic saves and weights-only loading of ``.pth`` files.
+"""DetectionCheckpointer with atomic saves, safe loading (``safe_load``) and strict matching (``matching``).
 
 fvcore's ``Checkpointer.save`` (detectron2 v0.6 and main) streams ``torch.save`` straight into
 ``<save_dir>/<name>.pth`` and rewrites ``last_checkpoint`` in place: a crash or a full disk during
@@ -8,7 +8,6 @@ are written to a temporary file in the same directory, flushed to disk and renam
 name with ``os.replace`` (atomic on POSIX): readers see the old file or the complete new one.
 Remote save dirs (``scheme://``) keep fvcore's behaviour.
 """
-import logging
 import os
 import tempfile
 from typing import Any, Callable
@@ -16,11 +15,12 @@ from typing import Any, Callable
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .matching import load_model_strictly
+from .official import convert_if_official
+from .safe_load import load_checkpoint_file
+from .shipped import register_shipped_handler
+
 __all__ = ["SmcaDetrCheckpointer", "atomic_write"]
-
-logger = logging.getLogger(__name__)
-
-from smca_detr.checkpoint.shipped import register_shipped_handler  # noqa: E402
 
 register_shipped_handler()  # MODEL.WEIGHTS "smca_detr://<file>": checkpoints shipped in the package
 
@@ -69,11 +69,12 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
 
 class SmcaDetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` (same constructor) whose ``save`` and ``tag_last_checkpoint`` are
-    atomic and whose ``.pth`` / ``.pt`` loading refuses pickled objects other than tensors and
-    containers (``smca_detr.checkpoint.safe_torch_load``). Official SMCA-DETR / Conditional DETR /
-    Deformable DETR checkpoints are recognised and converted on load
-    (``smca_detr.checkpoint.official``); set ``thing_classes`` to the dataset's class names to let
-    the class-head remapping check them (None: decided by the class count)."""
+    atomic, whose loading of any local file refuses pickled objects other than tensors, numpy arrays
+    and containers (``safe_load.load_checkpoint_file``) and which raises when the checkpoint does not
+    fit the model (``matching.load_model_strictly``). Official SMCA-DETR / Conditional DETR /
+    Deformable DETR checkpoints are recognised and converted on load (``official``); set
+    ``thing_classes`` to the dataset's class names to let the class-head remapping check them (None:
+    decided by the class count)."""
 
     thing_classes = None
 
@@ -114,27 +115,14 @@ class SmcaDetrCheckpointer(DetectionCheckpointer):
             raise
 
     def _load_file(self, filename: str):
-        self._smca_source = filename  # named in checkpoint_compat's messages
-        if filename.endswith((".pth", ".pt")) and os.path.isfile(filename):
-            from smca_detr.checkpoint import safe_torch_load
-
-            loaded = safe_torch_load(filename, map_location="cpu")
-            if not isinstance(loaded, dict) or "model" not in loaded:
-                loaded = {"model": loaded}
-            # official SMCA / Conditional / Deformable DETR checkpoints are converted on load
-            from smca_detr.checkpoint.official import convert_if_official
-
-            return convert_if_official(loaded, self.model, thing_classes=self.thing_classes, log=self.logger)
-        # .pkl / .pyth / other files: read without running pickled code (checkpoint_compat)
-        from .checkpoint_compat import load_checkpoint_file
-        from smca_detr.checkpoint.official import convert_if_official
-
-        loaded = load_checkpoint_file(self, filename, fallback=super()._load_file)
-        # e.g. an official checkpoint downloaded from a URL without a .pth suffix
+        self._smca_source = filename  # named in load_model_strictly's messages
+        # no file format may run pickled code (safe_load); detectron2's reader only for non-local paths
+        loaded = load_checkpoint_file(filename, fallback=super()._load_file, log=self.logger)
+        # official SMCA / Conditional / Deformable DETR (and torchvision ResNet) checkpoints are
+        # converted on load, whatever the file name (e.g. downloaded from a URL without a .pth suffix)
         return convert_if_official(loaded, self.model, thing_classes=self.thing_classes, log=self.logger)
 
     def _load_model(self, checkpoint):
         # strict key matching; only a class head of another class count is skipped (ONE warning)
-        from .checkpoint_compat import load_model_strictly
-
-        return load_model_strictly(self, checkpoint, super()._load_model)
+        return load_model_strictly(self.model, checkpoint, super()._load_model,
+                                   source=getattr(self, "_smca_source", None))
