@@ -46,7 +46,7 @@ from ..registry import TRANSFORMER_REGISTRY
 from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
                      check_levels, image_wh, padding_mask_or_none)
 
-__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
+__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
            "image_wh", "prior_in_float32", "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
 
 # Raw scale values k per Gaussian that ``point3`` predicts for each ``dynamic_scale`` type.
@@ -148,16 +148,6 @@ def mask_padded_keys(bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     return bias.masked_fill_(m, float("-inf")) if inplace else bias.masked_fill(m, float("-inf"))
 
 
-def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
-                         need_weights: bool = False):
-    """Cross-attention with the additive SMCA mask ``attn_mask [B,G|1,Q,S]`` (Gaussian + -inf at
-    padded keys) through the shared ``MultiheadAttention``: fused ``F.scaled_dot_product_attention``
-    whenever possible, the explicit softmax where that is needed or faster (``need_weights``, CPU
-    training with a Gaussian that needs a gradient or with dropout; see
-    ``MultiheadAttention._explicit``). Returns (output ``[B,Q,E]``, probabilities or None)."""
-    return attn(query, key, value, attn_bias=attn_mask, need_weights=need_weights)
-
-
 class SMCADecoderLayer(FFNMixin, nn.Module):
     """DETR decoder layer with SMCA's Gaussian-modulated cross-attention.
 
@@ -233,13 +223,13 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
             x = self.norm2(tgt)
-            ca, w = smca_cross_attention(self.multihead_attn, x + query_pos, key, memory, attn_mask, need_weights)
+            ca, w = self.multihead_attn(x + query_pos, key, memory, attn_bias=attn_mask, need_weights=need_weights)
             tgt = tgt + self.dropout2(ca)
             tgt = tgt + self.dropout3(self.ffn(self.norm3(tgt)))
         else:
             qk = tgt + query_pos
             tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
-            ca, w = smca_cross_attention(self.multihead_attn, tgt + query_pos, key, memory, attn_mask, need_weights)
+            ca, w = self.multihead_attn(tgt + query_pos, key, memory, attn_bias=attn_mask, need_weights=need_weights)
             tgt = self.norm2(tgt + self.dropout2(ca))
             tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
         if record is not None:

@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers.dropout import dropout
 from ...layers.tracing import shape_ints
-from ..layers import MultiheadAttention, clones
+from ..layers import clones, segment_softmax
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerEncoderLayer, TransformerOutput, flatten_level, image_wh
 from .smca import SMCADecoderLayer, mask_padded_keys, prior_in_float32, scale_channels, smca_gaussian_bias
 
-__all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
+__all__ = ["MemorySegment", "segment_softmax", "MultiScaleSMCADecoderLayer",
            "MultiScaleSMCADecoder", "image_wh", "validate_encoder_layout", "SMCAMultiScaleTransformer"]
 
 ENCODER_LAYER_KINDS = ("intra", "multi")
@@ -77,53 +76,6 @@ class MemorySegment:
     @property
     def size(self) -> int:
         return self.height * self.width
-
-
-def segment_softmax(logits: torch.Tensor, sizes: Sequence[int],
-                    segment_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax of ``logits [..., S]`` taken separately within each contiguous segment of the last
-    dimension.
-
-    Args:
-        logits: attention logits (``-inf`` at masked keys).
-        sizes: P segment lengths (Python ints) summing to ``S``, in key order.
-        segment_weights: optional ``[..., P]`` (broadcastable against ``logits[..., :1]``) per-segment
-            multipliers of the probabilities (SMCA's scale-selection weights α).
-
-    Returns ``[..., S]``: ``w_s · softmax_s(logits)`` on each segment ``s``. A segment whose keys are
-    all masked gets zero weight (instead of NaN). The segments are contiguous, so each is a slice
-    with its own max / sum: exact and deterministic (no scatter atomics), one small step per segment
-    (a handful of feature maps).
-    """
-    sizes = [int(n) for n in sizes]
-    if sum(sizes) != logits.shape[-1]:
-        raise ValueError(f"segment sizes {sizes} sum to {sum(sizes)}, but there are {logits.shape[-1]} keys")
-    parts = []
-    for i, x in enumerate(logits.split(sizes, -1)):
-        with torch.no_grad():  # the max only stabilises the exponent; softmax is invariant to it
-            mx = x.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        e = (x - mx).exp()
-        den = e.sum(-1, keepdim=True)
-        den = torch.where(den > 0, den, torch.ones_like(den))  # fully masked segment: weights 0, finite grads
-        ratio = den.reciprocal() if segment_weights is None else segment_weights[..., i:i + 1] / den
-        parts.append(e * ratio)
-    return torch.cat(parts, -1)
-
-
-def segmented_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
-                        sizes: Sequence[int], segment_weights: torch.Tensor, need_weights: bool = False):
-    """Multi-head attention (the shared ``MultiheadAttention``'s projections) whose softmax is taken
-    within each key segment and weighted per segment: ``out_proj(Σ_s α_s softmax_s(QKᵀ/√d + mask) V)``.
-
-    attn_mask ``[B, 1|M, Q, S]`` additive (``-inf`` at padded keys, plus e.g. the Gaussian); sizes:
-    the P segment lengths; segment_weights ``[B, Q, P]``. Returns (output ``[B,Q,E]``, weights ``[B,M,Q,S]`` or None).
-    """
-    q, k, v = attn.project(query, key, value)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + attn_mask
-    weights = segment_softmax(logits, sizes, segment_weights[:, None])
-    out = dropout(weights, attn.dropout, attn.training) @ v
-    return attn.out_proj(out.transpose(1, 2).flatten(2)), (weights if need_weights else None)
 
 
 class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
@@ -191,8 +143,8 @@ class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
         if alpha is None:  # one softmax over every segment ("w/o SSA"): the shared SDPA path
             return self.multihead_attn(x + query_pos, memory + pos, memory, attn_bias=attn_mask,
                                        need_weights=need_weights)
-        return segmented_attention(self.multihead_attn, x + query_pos, memory + pos, memory, attn_mask,
-                                   [seg.size for seg in segments], alpha, need_weights)
+        return self.multihead_attn(x + query_pos, memory + pos, memory, attn_bias=attn_mask, need_weights=need_weights,
+                                   segments=[seg.size for seg in segments], segment_weights=alpha)
 
     def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None, ref_px=None, *,
                 image_wh, segments: Sequence[MemorySegment], record: Optional[Dict] = None):
