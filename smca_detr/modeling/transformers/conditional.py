@@ -34,8 +34,7 @@ from ...layers.dropout import Dropout
 from ..layers import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels, padding_mask_or_none)
+from .common import TransformerOutput, build_single_level, padding_mask_or_none
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -203,7 +202,6 @@ class ConditionalTransformer(nn.Module):
     def __init__(self, cfg, input_shapes):
         super().__init__()
         c = cfg.MODEL.SMCA_DETR
-        check_levels("ConditionalTransformer", input_shapes, 1)
         if c.PRE_NORM:
             raise ValueError("ConditionalTransformer: MODEL.SMCA_DETR.PRE_NORM=True is not supported "
                              "(the official Conditional DETR decoder is post-norm only)")
@@ -212,12 +210,8 @@ class ConditionalTransformer(nn.Module):
         if c.HIDDEN_DIM % 2 != 0:
             raise ValueError(f"MODEL.SMCA_DETR.HIDDEN_DIM must be even, got {c.HIDDEN_DIM}")
         d = c.HIDDEN_DIM
-        self.d_model = d
         self.nhead = c.NHEADS
-        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
-        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
-        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, False)
-        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, None)
+        build_single_level(self, cfg, input_shapes, "ConditionalTransformer")
         self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,
                                           c.ACTIVATION, c.POS_TEMPERATURE)
         self._reset_parameters()
