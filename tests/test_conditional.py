@@ -129,8 +129,11 @@ def _reference_conditional_cross_attention(q_content, q_spatial, k_content, k_po
     return torch.cat(outs, -1)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "naive"])
-def test_cross_attention_concatenates_content_and_spatial_per_head(impl):
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+def test_cross_attention_concatenates_content_and_spatial_per_head(explicit, monkeypatch):
+    from smca_detr.modeling import layers as layers_mod
+
+    monkeypatch.setattr(layers_mod, "use_explicit_softmax", lambda *args: explicit)
     torch.manual_seed(0)
     b, nq, s, d, m = 2, 5, 7, 16, 4
     qc, qs = torch.randn(b, nq, d), torch.randn(b, nq, d)
@@ -138,7 +141,6 @@ def test_cross_attention_concatenates_content_and_spatial_per_head(impl):
     pad = torch.zeros(b, s, dtype=torch.bool)
     pad[1, -3:] = True
     att = HeadAttention(d).eval()
-    att.impl = impl
     nn_id = torch.nn.Linear(d, d)
     with torch.no_grad():
         nn_id.weight.copy_(torch.eye(d))

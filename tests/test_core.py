@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from smca_detr.modeling.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
                                         generalized_box_iou)
 from smca_detr.modeling.criterion import SetCriterion, sigmoid_focal_loss
-from smca_detr.modeling.layers import MLP, MultiheadAttention, inverse_sigmoid
+from smca_detr.modeling.layers import MLP, MultiheadAttention, attention, inverse_sigmoid, use_explicit_softmax
 from smca_detr.modeling.matcher import HungarianMatcher
 from smca_detr.modeling.position_encoding import PositionEmbeddingSine, sine_embed
 
@@ -131,6 +131,38 @@ def test_attention_matches_torch_multihead_attention():
     assert torch.all(w[1, :, :, 3:] == 0)
     with pytest.raises(ValueError, match="NHEADS"):
         MultiheadAttention(10, 4)
+
+
+def test_attention_kernel_policy_and_paths():
+    """One kernel, one policy: SDPA unless weights / segments are asked for or (CPU) dropout, a mask
+    with a gradient or value heads narrower than q/k; both paths give the same float64 result."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, 8, generator=g,
+                                                                                 dtype=torch.float64)
+    v, v_narrow = torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, 4, generator=g,
+                                                                                         dtype=torch.float64)
+    bias = torch.randn(2, 1, 4, 6, generator=g, dtype=torch.float64)
+    bias[1, ..., 4:] = float("-inf")
+    assert not use_explicit_softmax(q, v, bias, 0.0, False, False)
+    assert use_explicit_softmax(q, v, bias, 0.0, True, False) and use_explicit_softmax(q, v, bias, 0.0, False, True)
+    assert use_explicit_softmax(q, v, bias, 0.1, False, False)
+    assert use_explicit_softmax(q, v_narrow, bias, 0.0, False, False)
+    assert use_explicit_softmax(q, v, bias.clone().requires_grad_(), 0.0, False, False)
+    with torch.no_grad():
+        assert not use_explicit_softmax(q, v, bias.clone().requires_grad_(), 0.0, False, False)
+    for vv in (v, v_narrow):
+        ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, -1)
+        out, w = attention(q, k, vv, bias.clone(), need_weights=True)
+        torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, ref @ vv, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(attention(q, k, vv, bias)[0], ref @ vv, rtol=1e-12, atol=1e-12)
+    # segmented: softmax within each key segment, times the per-query segment weights
+    alpha = torch.rand(2, 1, 4, 2, generator=g, dtype=torch.float64)
+    out, w = attention(q, k, v, bias.clone(), need_weights=True, segments=[2, 4], segment_weights=alpha)
+    ref = torch.cat([torch.softmax(x, -1) * alpha[..., i:i + 1] for i, x in
+                     enumerate((q @ k.transpose(-1, -2) / math.sqrt(8) + bias).split([2, 4], -1))], -1)
+    torch.testing.assert_close(w, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref @ v, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- matcher

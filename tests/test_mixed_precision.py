@@ -18,7 +18,7 @@ from smca_detr.modeling.matcher import HungarianMatcher
 from smca_detr.modeling.registry import TRANSFORMER_REGISTRY
 from smca_detr.modeling.transformers.smca import SMCADecoderLayer, SMCATransformer
 from smca_detr.modeling.transformers.smca_conv_multiscale import SMCAConvMultiScaleTransformer
-from smca_detr.modeling.transformers.smca_multiscale import MultiScaleSMCADecoderLayer, SMCAMultiScaleTransformer
+from smca_detr.modeling.transformers.smca_multiscale import SMCAMultiScaleTransformer
 from train_step_helpers import FAMILIES, NUM_CLASSES, _autocast_on, _batch, build, make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,20 +27,18 @@ HALF = [torch.bfloat16, torch.float16]
 # CPU always; CUDA (`pytest -m cuda`, tools/gpu_check.py) where a GPU is present
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
-# (transformer, backbone levels (channels, stride), decoder layer class, name of its prior method)
+# (transformer, backbone levels (channels, stride)); every variant's decoder is SMCADecoderLayer (prior: .prior)
 SMCA_KINDS = {
-    "single": (SMCATransformer, [(20, 32)], SMCADecoderLayer, "spatial_prior"),
-    "paper_multiscale": (SMCAMultiScaleTransformer, [(12, 16), (20, 32)], MultiScaleSMCADecoderLayer,
-                         "multi_scale_prior"),
-    "conv_multiscale": (SMCAConvMultiScaleTransformer, [(8, 8), (12, 16), (20, 32)], MultiScaleSMCADecoderLayer,
-                        "multi_scale_prior"),
+    "single": (SMCATransformer, [(20, 32)]),
+    "paper_multiscale": (SMCAMultiScaleTransformer, [(12, 16), (20, 32)]),
+    "conv_multiscale": (SMCAConvMultiScaleTransformer, [(8, 8), (12, 16), (20, 32)]),
 }
 # detectron2 (h, w) image sizes: 1333 is not representable in bf16 (-> 1336), 2049 not in fp16
 IMAGE_SIZES = [(800, 1333), (750, 2049)]
 
 
 def _smca_transformer(kind, device="cpu"):
-    cls, levels, _, _ = SMCA_KINDS[kind]
+    cls, levels = SMCA_KINDS[kind]
     cfg = add_smca_detr_config(get_cfg())
     m = cfg.MODEL.SMCA_DETR
     m.TRANSFORMER = cls.__name__
@@ -69,13 +67,13 @@ def test_smca_prior_and_image_sizes_are_float32_under_autocast(kind, dtype, devi
     """Under autocast every SMCA transformer gets the exact image sizes (1333, 2049) in float32 and
     computes its Gaussian prior (heads, centres, distances) exactly as the float32 computation."""
     tr, feats, masks = _smca_transformer(kind, device)
-    _, _, layer_cls, method = SMCA_KINDS[kind]
+    layer_cls, method = SMCADecoderLayer, "prior"
     real = getattr(layer_cls, method)
     calls = []
 
     def spy(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
-        # copies: single-scale SMCA masks the fresh bias in place afterwards
+        # copies: the layer masks the fresh bias in place afterwards
         calls.append((self, args, kwargs, tuple(None if r is None else r.clone() for r in result)))
         return result
 

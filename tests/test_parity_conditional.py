@@ -105,16 +105,16 @@ def test_parity_conditional_single_image_without_padding(case):
         assert_close(out["pred_boxes"][:, 0], ref["pred_boxes"][:, b], f"image {b} boxes")
 
 
-def test_parity_conditional_naive_attention_matches(case):
-    """The explicit-softmax attention path gives the same outputs as the SDPA path."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
+def test_parity_conditional_naive_attention_matches(case, explicit, monkeypatch):
+    """Either path of the shared attention kernel (SDPA, explicit softmax) gives the official outputs."""
+    from smca_detr.modeling import layers as layers_mod
+
+    monkeypatch.setattr(layers_mod, "use_explicit_softmax", lambda *args: explicit)
     fx, model, out = case
     inp = fx["inputs"]
-    model.transformer.set_attention_impl("naive")
-    try:
-        with torch.no_grad():
-            naive = model.forward_from_features(list(inp["backbone_features"]), inp["image_mask"])
-    finally:
-        model.transformer.set_attention_impl("sdpa")
+    with torch.no_grad():
+        naive = model.forward_from_features(list(inp["backbone_features"]), inp["image_mask"])
     assert_close(naive["pred_logits"], fx["outputs"]["pred_logits"], "naive logits")
     assert_close(naive["pred_boxes"], fx["outputs"]["pred_boxes"], "naive boxes")
 

@@ -17,7 +17,7 @@ from smca_detr.checkpoint.smca import convert_official_smca, detect_smca_kind
 from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.layers import MultiheadAttention
 from smca_detr.modeling.transformers.smca import (SCALE_CHANNELS, SMCATransformer, mask_padded_keys,
-                                                  smca_cross_attention, smca_gaussian_bias)
+                                                  smca_gaussian_bias)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -165,7 +165,7 @@ def test_mask_padded_keys():
 
 
 def test_cross_attention_paths_agree_with_gradients(monkeypatch):
-    """smca_cross_attention: the explicit path (CPU training, need_weights) and SDPA give the same
+    """The SMCA cross-attention (additive mask through the shared kernel): the explicit path (CPU training, need_weights) and SDPA give the same
     outputs and gradients (incl. the gradient into the Gaussian, i.e. point2/point3)."""
     import torch.nn.functional as F
 
@@ -186,7 +186,7 @@ def test_cross_attention_paths_agree_with_gradients(monkeypatch):
     for path in ("explicit", "sdpa"):
         mask = mask_padded_keys(bias * 1.0, kpm, inplace=True)
         if path == "explicit":
-            out, w = smca_cross_attention(attn, *x, mask)
+            out, w = attn(*x, attn_bias=mask)
             assert w is None and not sdpa_calls  # a Gaussian with a gradient on CPU: explicit softmax
         else:
             qh, kh, vh = attn.project(*x)
@@ -198,7 +198,7 @@ def test_cross_attention_paths_agree_with_gradients(monkeypatch):
         torch.testing.assert_close(g0, g1)
     assert results[0][1][-1][1, :, :, 9:].abs().max() == 0  # no gradient into padded keys
     with torch.no_grad():
-        out, w = smca_cross_attention(attn, *x, mask_padded_keys(bias, kpm), need_weights=True)
+        out, w = attn(*x, attn_bias=mask_padded_keys(bias, kpm), need_weights=True)
     torch.testing.assert_close(out, results[1][0].detach())
     torch.testing.assert_close(w.sum(-1), torch.ones(b, m, q, dtype=torch.float64))
     assert (w[1, :, :, 9:] == 0).all()

@@ -19,9 +19,10 @@ from detectron2.structures import Boxes, Instances
 
 from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import image_padding_mask, resize_mask
+from smca_detr.modeling.layers import segment_softmax
 from smca_detr.modeling.transformers.smca import mask_padded_keys
 from smca_detr.modeling.transformers.smca_conv_multiscale import SMCAConvMultiScaleTransformer
-from smca_detr.modeling.transformers.smca_multiscale import SMCAMultiScaleTransformer, segment_softmax
+from smca_detr.modeling.transformers.smca_multiscale import SMCAMultiScaleTransformer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PADDED = (96, 128)
@@ -249,9 +250,9 @@ def test_each_scale_output_is_weighted_by_alpha(kind):
         out = layer.norm4(x + qpos)
         alpha = layer.scale_weights(out)
         torch.testing.assert_close(alpha, alpha_ref.expand_as(alpha), atol=1e-14, rtol=0)
-        bias, _, _ = layer.multi_scale_prior(out, None, wh, segments)
+        bias, _, _ = layer.prior(out, None, wh, segments)
         attn_mask = mask_padded_keys(bias, mask)
-        got, _ = layer.cross_attention(x, memory, pos, qpos, attn_mask, alpha, segments, False)
+        got = layer.cross_attention(x + qpos, memory + pos, memory, attn_mask=attn_mask, alpha=alpha, segments=segments)
         expected = torch.zeros_like(got)
         start = 0
         for i, seg in enumerate(segments):

@@ -14,7 +14,7 @@ from ..layers import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
 __all__ = ["image_wh", "TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
-           "SingleLevelInput", "check_levels", "padding_mask_or_none"]
+           "SingleLevelInput", "build_single_level", "check_levels", "padding_mask_or_none"]
 
 
 def padding_mask_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
@@ -101,6 +101,19 @@ class SingleLevelInput(nn.Module):
         src = self.input_proj(feature)
         pos = self.position_embedding(mask).to(src.dtype)
         return flatten_level(src), flatten_level(pos), mask.flatten(1), src.shape[-2:]
+
+
+def build_single_level(module: nn.Module, cfg, input_shapes, name: str):
+    """The common front of DETR / SMCA / Conditional DETR on ``module``: ``d_model``, ``input``
+    (``SingleLevelInput``), ``query_embed`` and the DETR ``encoder`` (final LayerNorm with pre-norm),
+    built in this order (checkpoint keys and seeded initialisation depend on it)."""
+    c = cfg.MODEL.SMCA_DETR
+    check_levels(name, input_shapes, 1)
+    module.d_model = d = c.HIDDEN_DIM
+    module.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
+    module.query_embed = nn.Embedding(c.NUM_QUERIES, d)
+    layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
+    module.encoder = TransformerEncoder(layer, c.ENC_LAYERS, nn.LayerNorm(d) if c.PRE_NORM else None)
 
 
 def check_levels(name: str, features: List[torch.Tensor], expected: int):

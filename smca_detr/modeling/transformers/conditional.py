@@ -20,23 +20,21 @@ Only layer 0 adds the object query / memory position to the content query / key
 (``ca_qpos_proj``; later layers have no such key, as the official model). The decoder LayerNorm is
 applied to every layer output. The official decoder is post-norm only (pre-norm raises there too).
 
-Attention runs through ``F.scaled_dot_product_attention``: the self-attention with head width
-``d/M``, the cross-attention with query/key head width ``2d/M`` and value head width ``d/M`` (SDPA
-supports different query/key and value widths), so no Python loop over heads is needed.
+Attention runs through the shared kernel ``smca_detr.modeling.layers.attention``: the self-attention
+with head width ``d/M``, the cross-attention with query/key head width ``2d/M`` and value head width
+``d/M`` (both SDPA and the explicit softmax take different widths), so no Python loop over heads.
 """
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers.dropout import Dropout, dropout
-from ..layers import MLP, FFNMixin, inverse_sigmoid, make_attn_mask
+from ...layers.dropout import Dropout
+from ..layers import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels, padding_mask_or_none)
+from .common import TransformerOutput, build_single_level, padding_mask_or_none
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -44,13 +42,9 @@ __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLa
 class HeadAttention(nn.Module):
     """Attention over already projected, head-split inputs; only holds ``out_proj``.
 
-    ``q [B,M,Lq,Eqk]``, ``k [B,M,Lk,Eqk]``, ``v [B,M,Lk,Ev]`` -> ``[B,Lq,M*Ev]`` after ``out_proj``.
-    The logit scale is ``1/sqrt(Eqk)`` (the official ``head_dim ** -0.5`` with ``head_dim`` the
-    query/key width per head). ``impl="naive"`` computes the same with an explicit softmax;
-    ``"sdpa"`` uses ``F.scaled_dot_product_attention``; ``"auto"`` (default) takes SDPA on GPUs (fused
-    kernels) and the explicit softmax on CPU, where it measured faster at Conditional DETR's sizes
-    (q/k twice as wide as v: PyTorch's fused CPU kernel needs v zero-padded; 300 queries x 500 keys,
-    2 threads: forward 4.1 vs 4.4 ms, forward+backward 12.2 vs 14.2 ms, former ``tools/benchmark_conditional.py``).
+    ``q [B,M,Lq,Eqk]``, ``k [B,M,Lk,Eqk]``, ``v [B,M,Lk,Ev]`` -> ``[B,Lq,M*Ev]`` after ``out_proj``,
+    through the shared kernel :func:`smca_detr.modeling.layers.attention` (logit scale ``1/sqrt(Eqk)``,
+    the official ``head_dim ** -0.5`` with ``head_dim`` the query/key width per head).
     """
 
     def __init__(self, value_dim: int, dropout: float = 0.0):
@@ -58,29 +52,9 @@ class HeadAttention(nn.Module):
         self.out_proj = nn.Linear(value_dim, value_dim)
         nn.init.zeros_(self.out_proj.bias)
         self.dropout = dropout
-        self.impl = "auto"
 
     def forward(self, q, k, v, attn_mask: Optional[torch.Tensor] = None):
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        p = self.dropout if self.training else 0.0
-        impl = self.impl
-        if impl == "auto":
-            impl = "naive" if q.device.type == "cpu" else "sdpa"
-        if impl == "sdpa":
-            ev = v.shape[-1]
-            if ev < q.shape[-1] and q.device.type == "cpu" and p == 0.0:
-                # PyTorch's fused CPU kernel needs equal q/k/v widths and no dropout (otherwise SDPA
-                # falls back to its slower unfused path): zero-pad v; the padded output columns are 0.
-                v = F.pad(v, (0, q.shape[-1] - ev))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale)
-            out = out[..., :ev]
-        elif impl == "naive":
-            logits = (q * scale) @ k.transpose(-1, -2)
-            if attn_mask is not None:
-                logits = logits + attn_mask
-            out = dropout(logits.softmax(-1), p, self.training) @ v
-        else:
-            raise ValueError(f"HeadAttention.impl must be 'auto', 'sdpa' or 'naive', got {self.impl!r}")
+        out, _ = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -228,7 +202,6 @@ class ConditionalTransformer(nn.Module):
     def __init__(self, cfg, input_shapes):
         super().__init__()
         c = cfg.MODEL.SMCA_DETR
-        check_levels("ConditionalTransformer", input_shapes, 1)
         if c.PRE_NORM:
             raise ValueError("ConditionalTransformer: MODEL.SMCA_DETR.PRE_NORM=True is not supported "
                              "(the official Conditional DETR decoder is post-norm only)")
@@ -237,12 +210,8 @@ class ConditionalTransformer(nn.Module):
         if c.HIDDEN_DIM % 2 != 0:
             raise ValueError(f"MODEL.SMCA_DETR.HIDDEN_DIM must be even, got {c.HIDDEN_DIM}")
         d = c.HIDDEN_DIM
-        self.d_model = d
         self.nhead = c.NHEADS
-        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
-        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
-        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, False)
-        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, None)
+        build_single_level(self, cfg, input_shapes, "ConditionalTransformer")
         self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,
                                           c.ACTIVATION, c.POS_TEMPERATURE)
         self._reset_parameters()
@@ -253,13 +222,6 @@ class ConditionalTransformer(nn.Module):
         for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-
-    def set_attention_impl(self, impl: str):
-        """``"auto"`` (default: SDPA on GPU, explicit softmax on CPU), ``"sdpa"`` or ``"naive"`` for the
-        decoder attentions (tests / benchmarks)."""
-        for m in self.decoder.modules():
-            if isinstance(m, HeadAttention):
-                m.impl = impl
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])

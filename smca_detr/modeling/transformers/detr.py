@@ -6,14 +6,16 @@ from torch import nn
 from ...layers.dropout import Dropout
 from ..layers import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels, padding_mask_or_none)
+from .common import TransformerOutput, build_single_level, padding_mask_or_none
 
 __all__ = ["DETRTransformer", "TransformerDecoderLayer", "TransformerDecoder"]
 
 
 class TransformerDecoderLayer(FFNMixin, nn.Module):
-    """DETR decoder layer: self-attention over queries, cross-attention to the memory, FFN."""
+    """DETR decoder layer: self-attention over queries, cross-attention to the memory, FFN; post-norm
+    (official default) or pre-norm. The one residual path of the DETR-style decoders: a subclass
+    changes only the cross-attention through the ``cross_attention`` hook (SMCA: its Gaussian prior
+    and segmented softmax)."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
@@ -25,19 +27,22 @@ class TransformerDecoderLayer(FFNMixin, nn.Module):
         self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(3))
         self.normalize_before = normalize_before
 
-    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None):
+    def cross_attention(self, query, key, value, key_padding_mask=None):
+        """query ``[B,Q,d]`` (incl. query_pos), key ``memory + pos``, value ``memory`` -> ``[B,Q,d]``."""
+        return self.multihead_attn(query, key, value, key_padding_mask=key_padding_mask)[0]
+
+    def forward(self, tgt, memory, memory_pos, query_pos, **cross):
+        """tgt/query_pos ``[B,Q,d]``, memory ``[B,S,d]``, ``memory_pos = memory + pos`` (the same for
+        every layer: the decoder computes it once); ``cross``: keyword arguments of ``cross_attention``."""
         if self.normalize_before:
             x = self.norm1(tgt)
             q = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(q, q, x)[0])
-            x = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(
-                x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0])
+            tgt = tgt + self.dropout2(self.cross_attention(self.norm2(tgt) + query_pos, memory_pos, memory, **cross))
             return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)[0]))
-        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(
-            tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attention(tgt + query_pos, memory_pos, memory, **cross)))
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 
@@ -51,8 +56,9 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None):
         hs = []
+        memory_pos = memory + pos
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
+            tgt = layer(tgt, memory, memory_pos, query_pos, key_padding_mask=memory_key_padding_mask)
             hs.append(self.norm(tgt))
         return torch.stack(hs)
 
@@ -64,13 +70,8 @@ class DETRTransformer(nn.Module):
     def __init__(self, cfg, input_shapes):
         super().__init__()
         c = cfg.MODEL.SMCA_DETR
-        check_levels("DETRTransformer", input_shapes, 1)
+        build_single_level(self, cfg, input_shapes, "DETRTransformer")
         d = c.HIDDEN_DIM
-        self.d_model = d
-        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
-        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
-        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
-        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, nn.LayerNorm(d) if c.PRE_NORM else None)
         dec_layer = TransformerDecoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
         self.decoder = TransformerDecoder(dec_layer, c.DEC_LAYERS, d)
         self._reset_parameters()

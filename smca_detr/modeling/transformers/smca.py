@@ -34,20 +34,21 @@ Deliberate differences from the official code (numerically identical for the off
   covered by the official parity fixtures.
 """
 import functools
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ...layers.dropout import Dropout
 from ...layers.tracing import shape_ints
-from ..layers import MLP, FFNMixin, MultiheadAttention
+from ..layers import MLP
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (SingleLevelInput, TransformerEncoder, TransformerEncoderLayer, TransformerOutput,
-                     check_levels, image_wh, padding_mask_or_none)
+from .common import TransformerOutput, build_single_level, image_wh, padding_mask_or_none
+from .detr import TransformerDecoderLayer
 
-__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys", "smca_cross_attention",
-           "image_wh", "prior_in_float32", "SMCADecoderLayer", "SMCADecoder", "SMCATransformer"]
+__all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
+           "image_wh", "prior_in_float32", "MemorySegment", "SMCADecoderLayer", "SMCADecoder",
+           "reset_smca_parameters", "SMCATransformer"]
 
 # Raw scale values k per Gaussian that ``point3`` predicts for each ``dynamic_scale`` type.
 SCALE_CHANNELS = {"type1": 0, "type2": 1, "type3": 2, "type4": 3}
@@ -148,38 +149,53 @@ def mask_padded_keys(bias: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     return bias.masked_fill_(m, float("-inf")) if inplace else bias.masked_fill(m, float("-inf"))
 
 
-def smca_cross_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
-                         need_weights: bool = False):
-    """Cross-attention with the additive SMCA mask ``attn_mask [B,G|1,Q,S]`` (Gaussian + -inf at
-    padded keys) through the shared ``MultiheadAttention``: fused ``F.scaled_dot_product_attention``
-    whenever possible, the explicit softmax where that is needed or faster (``need_weights``, CPU
-    training with a Gaussian that needs a gradient or with dropout; see
-    ``MultiheadAttention._explicit``). Returns (output ``[B,Q,E]``, probabilities or None)."""
-    return attn(query, key, value, attn_bias=attn_mask, need_weights=need_weights)
+@dataclass(frozen=True)
+class MemorySegment:
+    """One segment (feature map) of the decoder memory, as the SMCA Gaussian sees it. Single scale is
+    one segment ``MemorySegment(H, W, divisor=stride)``.
+
+    height, width: its (padded) grid; keys are its integer ``(column, row)`` positions, row-major.
+    divisor: image pixels per grid cell used for the centre (``centre = ref_px / divisor + ...``).
+    distance_factor: multiplies the weighted squared distance (official multi-scale: 0.5, 0.5, 1, 2).
+    offset_scale: multiplies the predicted offsets (1 when every segment has its own offsets).
+    param_group: which block of ``point2`` / ``point3`` outputs (offsets, scales) it uses.
+    """
+
+    height: int
+    width: int
+    divisor: float
+    distance_factor: float = 1.0
+    offset_scale: float = 1.0
+    param_group: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width
 
 
-class SMCADecoderLayer(FFNMixin, nn.Module):
-    """DETR decoder layer with SMCA's Gaussian-modulated cross-attention.
+class SMCADecoderLayer(TransformerDecoderLayer):
+    """DETR decoder layer with SMCA's Gaussian-modulated cross-attention over a memory made of one or
+    more segments (feature maps); the residual path is DETR's, only ``cross_attention`` differs.
 
     Keys (official names): ``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``,
     ``norm1..norm4``, ``point1.layers.{i}`` (reference MLP, layer 0 only), ``point2`` (centre offsets,
-    2·G outputs), ``point3`` (raw scales, k·G outputs; absent for type1).
+    2·G·P outputs), ``point3`` (raw scales, k·G·P outputs; absent for type1), ``point4``
+    (scale-selection logits, one per segment) with ``scale_selection``. With ``num_param_groups =
+    P > 1`` ``point2`` / ``point3`` predict P blocks (group-major: ``[P, G, 2]`` offsets, ``[P, G, k]``
+    scales), one per ``MemorySegment.param_group`` (official multi-scale: one block per segment).
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", normalize_before: bool = False, *, dynamic_scale: str = "type3",
                  smooth: float = 8.0, head_shared: bool = False, reference_head: bool = False,
-                 center_mlp_layers: int = 3):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.build_ffn(d_model, dim_feedforward, dropout, activation)
-        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(d_model) for _ in range(4))
-        self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(3))
-        self.normalize_before = normalize_before
+                 center_mlp_layers: int = 3, num_segments: int = 1, num_param_groups: int = 1,
+                 scale_selection: bool = False):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
+        self.norm4 = nn.LayerNorm(d_model)
         self.dynamic_scale = dynamic_scale
         self.smooth = float(smooth)
-        self.num_gaussians = 1 if head_shared else nhead
+        self.num_gaussians = g = 1 if head_shared else nhead
+        self.num_param_groups = num_param_groups
         self.k = scale_channels(dynamic_scale)
         if reference_head:
             if center_mlp_layers < 1:
@@ -187,91 +203,157 @@ class SMCADecoderLayer(FFNMixin, nn.Module):
             self.point1 = MLP(d_model, d_model, 2, center_mlp_layers)
         else:
             self.point1 = None
-        self.point2 = nn.Linear(d_model, 2 * self.num_gaussians)
-        self.point3 = nn.Linear(d_model, self.k * self.num_gaussians) if self.k else None
+        self.point2 = nn.Linear(d_model, 2 * g * num_param_groups)
+        self.point3 = nn.Linear(d_model, self.k * g * num_param_groups) if self.k else None
+        self.point4 = nn.Linear(d_model, num_segments) if scale_selection else None
 
     @prior_in_float32
-    def spatial_prior(self, out: torch.Tensor, ref_centers: Optional[torch.Tensor], image_wh: torch.Tensor,
-                      stride: int, grid_hw, record: Optional[Dict] = None):
-        """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``. ``image_wh [B,2]``: unpadded
-        (w, h); ``stride``: feature stride; ``ref_centers [B,Q,2]``: layer 0's centre (None in layer 0).
-        Returns (bias ``[B,G,Q,HW]``, ref_centers ``[B,Q,2]``, ref_logit ``[B,Q,2]`` or None); float32
-        under autocast (``prior_in_float32``)."""
+    def prior(self, out: torch.Tensor, ref_px: Optional[torch.Tensor], image_wh: torch.Tensor,
+              segments: Sequence[MemorySegment], record: Optional[Dict] = None):
+        """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``.
+
+        ``image_wh [B,2]``: unpadded (w, h); ``ref_px [B,Q,2]``: layer 0's reference centre in image
+        pixels ``(w, h)·sigmoid(point1)`` (None in layer 0, which computes it). Returns (bias
+        ``[B,G,Q,S]`` over the concatenated segments, ref_px, reference logit ``[B,Q,2]`` or None);
+        float32 under autocast (``prior_in_float32``).
+        """
         b, q, _ = out.shape
-        g = self.num_gaussians
+        g, p = self.num_gaussians, self.num_param_groups
         offsets = self.point2(out)
         ref_logit = None
         if self.point1 is not None:
             ref_logit = self.point1(out)
-            # official order: (w, h) * sigmoid / stride
-            ref_centers = image_wh[:, None, :] * ref_logit.sigmoid() / stride
-        elif ref_centers is None:
+            ref_px = image_wh[:, None, :] * ref_logit.sigmoid()
+        elif ref_px is None:
             raise RuntimeError("SMCA decoder: layer 0 must own the reference head (point1)")
-        centers = ref_centers[:, :, None, :] + offsets.view(b, q, g, 2)
-        scales = self.point3(out).view(b, q, g, self.k) if self.point3 is not None else None
-        bias = smca_gaussian_bias(centers, scales, grid_hw[0], grid_hw[1], self.dynamic_scale, self.smooth)
+        off = offsets.view(b, q, p, g, 2)
+        scales = self.point3(out).view(b, q, p, g, self.k) if self.point3 is not None else None
+        biases = []
+        for seg in segments:  # a handful of feature maps; everything inside is batched
+            centers = ref_px[:, :, None, :] / seg.divisor + off[:, :, seg.param_group] * seg.offset_scale
+            sc = scales[:, :, seg.param_group] if scales is not None else None
+            biases.append(smca_gaussian_bias(centers, sc, seg.height, seg.width, self.dynamic_scale,
+                                             self.smooth, seg.distance_factor))
+        bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=-1)
         if record is not None:
             record["offsets"] = offsets
             if scales is not None:
                 record["scale_raw"] = scales.flatten(2)
             record["gaussian"] = bias
-            record["centers"] = centers
-        return bias, ref_centers, ref_logit
+            if len(segments) == 1:
+                record["centers"] = centers
+        return bias, ref_px, ref_logit
 
-    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None, ref_centers=None, *,
-                image_wh, stride, grid_hw, record: Optional[Dict] = None, memory_pos=None):
-        """tgt/query_pos ``[B,Q,d]``, memory/pos ``[B,S,d]`` (``memory_pos = memory + pos`` if the
-        caller has it). Returns (tgt, ref_centers, ref_logit)."""
-        out = self.norm4(tgt + query_pos)
-        bias, ref_centers, ref_logit = self.spatial_prior(out, ref_centers, image_wh, stride, grid_hw, record)
-        # the bias is fresh unless recorded: mask it in place
-        attn_mask = mask_padded_keys(bias, memory_key_padding_mask, inplace=record is None)
-        need_weights = record is not None
-        key = memory + pos if memory_pos is None else memory_pos
-        if self.normalize_before:
-            x = self.norm1(tgt)
-            qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
-            x = self.norm2(tgt)
-            ca, w = smca_cross_attention(self.multihead_attn, x + query_pos, key, memory, attn_mask, need_weights)
-            tgt = tgt + self.dropout2(ca)
-            tgt = tgt + self.dropout3(self.ffn(self.norm3(tgt)))
-        else:
-            qk = tgt + query_pos
-            tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
-            ca, w = smca_cross_attention(self.multihead_attn, tgt + query_pos, key, memory, attn_mask, need_weights)
-            tgt = self.norm2(tgt + self.dropout2(ca))
-            tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+    def scale_weights(self, out: torch.Tensor) -> Optional[torch.Tensor]:
+        """α ``[B,Q,P]`` = softmax(point4(out)), or None without scale selection."""
+        return None if self.point4 is None else self.point4(out).softmax(-1)
+
+    def cross_attention(self, query, key, value, *, attn_mask, alpha, segments, record=None):
+        """Attention with the additive SMCA mask ``[B,G|1,Q,S]`` (Gaussian, -inf at padded keys); with
+        α (scale selection) the softmax is taken within each segment and weighted by α."""
+        ca, w = self.multihead_attn(query, key, value, attn_bias=attn_mask, need_weights=record is not None,
+                                    segments=None if alpha is None else [seg.size for seg in segments],
+                                    segment_weights=alpha)
         if record is not None:
             record["cross_attn_out"] = ca
             record["cross_attn_weights"] = w
+        return ca
+
+    def forward(self, tgt, memory, memory_pos, query_pos, key_padding_mask=None, ref_px=None, *, image_wh,
+                segments: Sequence[MemorySegment], record: Optional[Dict] = None):
+        """tgt/query_pos ``[B,Q,d]``, memory / ``memory_pos = memory + pos`` ``[B,S,d]``.
+        Returns (tgt, ref_px, ref_logit)."""
+        out = self.norm4(tgt + query_pos)
+        bias, ref_px, ref_logit = self.prior(out, ref_px, image_wh, segments, record)
+        alpha = self.scale_weights(out)
+        # the bias is fresh unless recorded: mask it in place
+        attn_mask = mask_padded_keys(bias, key_padding_mask, inplace=record is None)
+        tgt = super().forward(tgt, memory, memory_pos, query_pos, attn_mask=attn_mask, alpha=alpha,
+                              segments=segments, record=record)
+        if record is not None:
+            if alpha is not None:
+                record["scale_attention"] = alpha
             record["out"] = tgt
-        return tgt, ref_centers, ref_logit
+        return tgt, ref_px, ref_logit
 
 
 class SMCADecoder(nn.Module):
-    """SMCA decoder: layer 0 owns the reference head; the final LayerNorm is applied to every layer
-    output. Keys ``layers.{i}.*``, ``norm``."""
+    """SMCA decoder (every SMCA variant): layer 0 owns the reference head; the final LayerNorm is
+    applied to every layer output. Keys ``layers.{i}.*``, ``norm``.
 
-    def __init__(self, layers: List[SMCADecoderLayer], d_model: int):
+    Built from MODEL.SMCA_DETR.{HIDDEN_DIM, NHEADS, DEC_LAYERS, DIM_FEEDFORWARD, DROPOUT, ACTIVATION,
+    PRE_NORM} and MODEL.SMCA_DETR.SMCA.{DYNAMIC_SCALE, HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}.
+    """
+
+    def __init__(self, cfg, num_segments: int = 1, num_param_groups: int = 1, scale_selection: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(d_model)
+        c, s = cfg.MODEL.SMCA_DETR, cfg.MODEL.SMCA_DETR.SMCA
+        scale_channels(s.DYNAMIC_SCALE)
+        if s.SMOOTH <= 0:
+            raise ValueError(f"MODEL.SMCA_DETR.SMCA.SMOOTH (β) must be > 0, got {s.SMOOTH}")
+        if c.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.SMCA_DETR.DEC_LAYERS must be >= 1 for SMCA, got {c.DEC_LAYERS}")
+        self.layers = nn.ModuleList(
+            SMCADecoderLayer(c.HIDDEN_DIM, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM,
+                             dynamic_scale=s.DYNAMIC_SCALE, smooth=s.SMOOTH, head_shared=bool(s.HEAD_SHARED),
+                             reference_head=(i == 0), center_mlp_layers=s.CENTER_MLP_LAYERS,
+                             num_segments=num_segments, num_param_groups=num_param_groups,
+                             scale_selection=scale_selection)
+            for i in range(c.DEC_LAYERS))
+        self.norm = nn.LayerNorm(c.HIDDEN_DIM)
 
-    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask, *, image_wh, stride, grid_hw,
-                records: Optional[List[Dict]] = None):
+    def forward(self, tgt, memory, pos, query_pos, key_padding_mask, *, image_wh,
+                segments: Sequence[MemorySegment], records: Optional[List[Dict]] = None):
         """Returns hs ``[L,B,Q,d]`` and layer 0's reference logit ``[B,Q,2]``."""
-        hs, ref_centers, ref_logit = [], None, None
+        sizes = [seg.size for seg in segments]
+        if sum(sizes) != memory.shape[1]:
+            raise ValueError(f"memory has {memory.shape[1]} positions but the segments {sizes} sum to {sum(sizes)}")
+        hs, ref_px, ref_logit = [], None, None
         memory_pos = memory + pos  # the cross-attention keys' input, the same for every layer
         for i, layer in enumerate(self.layers):
             rec = records[i] if records is not None else None
-            tgt, ref_centers, logit = layer(tgt, memory, pos, query_pos, memory_key_padding_mask,
-                                            ref_centers, image_wh=image_wh, stride=stride, grid_hw=grid_hw,
-                                            record=rec, memory_pos=memory_pos)
+            tgt, ref_px, logit = layer(tgt, memory, memory_pos, query_pos, key_padding_mask, ref_px,
+                                       image_wh=image_wh, segments=segments, record=rec)
             if logit is not None:
                 ref_logit = logit
             hs.append(self.norm(tgt))
         return torch.stack(hs), ref_logit
+
+    def decode(self, query_embed: torch.Tensor, memory, pos, key_padding_mask, image_sizes,
+               segments: Sequence[MemorySegment], record_extras: Optional[Dict] = None) -> TransformerOutput:
+        """The SMCA transformers' tail: zero targets with the learned ``query_embed [Q,d]`` as query
+        positions, the decoder, references (layer 0's logit for every layer). ``record_extras`` (a
+        dict, or None when not recording): the caller's intermediates, returned in ``extras`` with
+        ``hs``, ``ref_logits`` and every layer's ``dec.{l}.*``. ``extras["reference_points"]``
+        (sigmoid of the reference logit, ``[B,Q,2]``, normalised (x, y)) is always returned."""
+        b = memory.shape[0]
+        query_pos = query_embed[None].expand(b, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        wh = image_wh(image_sizes, b, memory)
+        records = [{} for _ in self.layers] if record_extras is not None else None
+        hs, ref_logit = self(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, segments=segments,
+                             records=records)
+        extras = {"reference_points": ref_logit.sigmoid()}
+        if records is not None:
+            extras.update(record_extras, hs=hs, ref_logits=ref_logit)
+            for i, rec in enumerate(records):
+                extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
+        references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
+        return TransformerOutput(hs=hs, references=references, extras=extras)
+
+
+def reset_smca_parameters(module: nn.Module, skip=()):
+    """Official SMCA init: Xavier-uniform on every matrix of ``module`` (the transformer) except those
+    of ``skip`` (input projections and queries keep their own init), then ``point3`` of every decoder
+    layer weight 0 / bias 1 (all scales 1)."""
+    skip_ids = {id(p) for m in skip for p in m.parameters()}
+    for p in module.parameters():
+        if p.dim() > 1 and id(p) not in skip_ids:
+            nn.init.xavier_uniform_(p)
+    for layer in module.decoder.layers:
+        if layer.point3 is not None:
+            nn.init.zeros_(layer.point3.weight)
+            nn.init.ones_(layer.point3.bias)
 
 
 @TRANSFORMER_REGISTRY.register()
@@ -282,72 +364,35 @@ class SMCATransformer(nn.Module):
 
     Config: MODEL.SMCA_DETR.{HIDDEN_DIM, NHEADS, ENC_LAYERS, DEC_LAYERS, DIM_FEEDFORWARD, DROPOUT,
     ACTIVATION, PRE_NORM, NUM_QUERIES, POS_TEMPERATURE} and MODEL.SMCA_DETR.SMCA.{DYNAMIC_SCALE,
-    HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}. One feature level (IN_FEATURES), any stride.
+    HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}. One feature level (IN_FEATURES), any stride: the decoder
+    memory is one ``MemorySegment`` with divisor = stride.
 
     Set ``record_intermediates = True`` to get per-layer internals in ``TransformerOutput.extras``
     (``hs``, ``src``, ``memory``, ``pos``, ``mask``, ``ref_logits``, ``ref_centers``, ``dec.{l}.offsets``,
     ``dec.{l}.scale_raw``, ``dec.{l}.gaussian`` [B,G,Q,HW], ``dec.{l}.centers``, ``dec.{l}.out``,
     ``dec.{l}.cross_attn_out``, ``dec.{l}.cross_attn_weights`` [B,M,Q,HW]); the cross-attention then
-    runs through the explicit-softmax path to expose its weights. ``extras["reference_points"]``
-    (sigmoid of the reference logit, ``[B,Q,2]``, normalised (x, y)) is always returned.
+    runs through the explicit-softmax path to expose its weights.
     """
 
     def __init__(self, cfg, input_shapes):
         super().__init__()
-        c = cfg.MODEL.SMCA_DETR
-        s = c.SMCA
-        check_levels("SMCATransformer", input_shapes, 1)
-        scale_channels(s.DYNAMIC_SCALE)
-        if s.SMOOTH <= 0:
-            raise ValueError(f"MODEL.SMCA_DETR.SMCA.SMOOTH (β) must be > 0, got {s.SMOOTH}")
-        if c.DEC_LAYERS < 1:
-            raise ValueError(f"MODEL.SMCA_DETR.DEC_LAYERS must be >= 1 for SMCA, got {c.DEC_LAYERS}")
-        d = c.HIDDEN_DIM
-        self.d_model = d
+        build_single_level(self, cfg, input_shapes, "SMCATransformer")
         self.stride = int(input_shapes[0].stride)
-        self.dynamic_scale = s.DYNAMIC_SCALE
-        self.head_shared = bool(s.HEAD_SHARED)
-        self.input = SingleLevelInput(input_shapes[0].channels, d, c.POS_TEMPERATURE)
-        self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
-        enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
-        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS, nn.LayerNorm(d) if c.PRE_NORM else None)
-        layers = [
-            SMCADecoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM,
-                             dynamic_scale=s.DYNAMIC_SCALE, smooth=s.SMOOTH, head_shared=self.head_shared,
-                             reference_head=(i == 0), center_mlp_layers=s.CENTER_MLP_LAYERS)
-            for i in range(c.DEC_LAYERS)
-        ]
-        self.decoder = SMCADecoder(layers, d)
+        self.decoder = SMCADecoder(cfg)
         self.record_intermediates = False
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # Official: Xavier-uniform on every matrix of the encoder/decoder (incl. point1/2/3), then
-        # point3 starts at weight 0 / bias 1 (all scales 1). input_proj and queries keep their init.
-        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for layer in self.decoder.layers:
-            if layer.point3 is not None:
-                nn.init.zeros_(layer.point3.weight)
-                nn.init.ones_(layer.point3.bias)
+        reset_smca_parameters(self, skip=(self.input, self.query_embed))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])
         key_padding_mask = padding_mask_or_none(mask)  # None: no padding on the CPU (no -inf fill, faster)
         memory = self.encoder(src, pos, key_padding_mask)
-        b = src.shape[0]
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, src)
-        records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
-        hs, ref_logit = self.decoder(tgt, memory, pos, query_pos, key_padding_mask, image_wh=wh, stride=self.stride,
-                                     grid_hw=shape_ints(grid_hw), records=records)
-        extras = {"reference_points": ref_logit.sigmoid()}
-        if records is not None:
-            extras.update(hs=hs, src=src.transpose(1, 2).reshape(b, -1, *grid_hw), memory=memory, pos=pos, mask=mask,
-                          ref_logits=ref_logit, ref_centers=wh[:, None, :] * ref_logit.sigmoid() / self.stride)
-            for i, rec in enumerate(records):
-                extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
-        references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
-        return TransformerOutput(hs=hs, references=references, extras=extras)
+        h, w = shape_ints(grid_hw)
+        record = None
+        if self.record_intermediates:
+            record = dict(src=src.transpose(1, 2).reshape(src.shape[0], -1, h, w), memory=memory, pos=pos, mask=mask)
+        out = self.decoder.decode(self.query_embed.weight, memory, pos, key_padding_mask, image_sizes,
+                                  [MemorySegment(h, w, divisor=self.stride)], record)
+        if record is not None:  # layer 0's reference centre in feature pixels
+            out.extras["ref_centers"] = (image_wh(image_sizes, memory.shape[0], memory)[:, None, :]
+                                         * out.extras["ref_logits"].sigmoid() / self.stride)
+        return out

@@ -19,7 +19,7 @@ applied per image (the official batched code applies image 0's weights to every 
   s64]`` flattened row-major and concatenated; positions ``[pos16, pos16, pos32, pos64]`` each plus
   its level embedding (the first segment uses ``level_embed[1]``); mask ``[m16, m16, m32, m64]``.
 * **Decoder** (``DEC_LAYERS``; the official code hard-wires 6): SMCA decoder layers
-  (``MultiScaleSMCADecoderLayer``) with one block of offsets (``point2``: 4 × M × (x, y)) and scales
+  (``SMCADecoderLayer``) with one block of offsets (``point2``: 4 × M × (x, y)) and scales
   (``point3``: 4 × M × k) per memory segment and ``point4`` (4 scale-selection logits, softmax = α).
   Segment ``i``'s centre is ``(w, h)·sigmoid(point1)/div_i + offset_i`` with ``div = (16, 16, 32,
   64)`` (the segment strides), its weighted squared distance is multiplied by ``div_i / 32``
@@ -44,7 +44,7 @@ from ..layers import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, check_levels, flatten_level
-from .smca_multiscale import MemorySegment, build_multiscale_decoder, image_wh, reset_smca_parameters
+from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
 __all__ = ["ConvMultiScaleEncoderLayer", "ConvMultiScaleEncoder", "SMCAConvMultiScaleTransformer"]
 
@@ -152,12 +152,12 @@ class SMCAConvMultiScaleTransformer(nn.Module):
             ConvMultiScaleEncoderLayer(d, self.num_levels, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION), c.ENC_LAYERS)
         self.memory_conv = nn.Conv2d(d, d, kernel_size=3, stride=2, padding=1)
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
-        self.decoder = build_multiscale_decoder(cfg, num_segments=self.num_levels, num_param_groups=self.num_levels,
-                                                scale_selection=True)
+        self.decoder = SMCADecoder(cfg, num_segments=self.num_levels, num_param_groups=self.num_levels,
+                                   scale_selection=True)
         self.record_intermediates = False
         # Official: Xavier on every matrix of the transformer (incl. the encoder convs, memory conv and
         # level embedding); input projections and queries live outside it and keep their init.
-        reset_smca_parameters(self, self.decoder, skip=(self.input_proj, self.extra_proj, self.query_embed))
+        reset_smca_parameters(self, skip=(self.input_proj, self.extra_proj, self.query_embed))
 
     def segments(self, shapes) -> List[MemorySegment]:
         """Memory segments [down-sampled finest, level 1, level 2, level 3] (official 16/16/32/64)."""
@@ -183,18 +183,8 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         mem_pos = torch.cat([flatten_level(p) for p in [lvl_pos[1]] + lvl_pos[1:]], 1)
         mem_mask = torch.cat([m.flatten(1) for m in [masks[1]] + masks[1:]], 1)
         shapes = [shape_ints(x.shape[-2:]) for x in srcs]
-        b = memory.shape[0]
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, memory)
-        records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
-        hs, ref_logit = self.decoder(tgt, memory, mem_pos, query_pos, mem_mask, image_wh=wh,
-                                     segments=self.segments(shapes), records=records)
-        extras = {"reference_points": ref_logit.sigmoid()}
-        if records is not None:
-            extras.update(masks=masks, pos=pos, src=srcs, encoder_out=enc, memory=memory, memory_mask=mem_mask,
-                          ref_logits=ref_logit)
-            for i, rec in enumerate(records):
-                extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
-        references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
-        return TransformerOutput(hs=hs, references=references, extras=extras)
+        record = None
+        if self.record_intermediates:
+            record = dict(masks=masks, pos=pos, src=srcs, encoder_out=enc, memory=memory, memory_mask=mem_mask)
+        return self.decoder.decode(self.query_embed.weight, memory, mem_pos, mem_mask, image_sizes,
+                                   self.segments(shapes), record)

@@ -29,257 +29,25 @@ The paper's multi-scale model is not in any public code; this is our reading of 
   ``SCALE_SELECTION = False`` is the "w/o SSA" ablation: **one softmax over all levels together**
   (the Gaussian still applied per level), no ``point4``.
 
-Shared pieces (used by both multi-scale transformers): ``segment_softmax`` (softmax within the
-contiguous segments of a concatenated key sequence, each segment's probabilities times a per-query
-weight; a slice per segment, no scatter atomics, batched over heads and queries), ``MemorySegment``, ``MultiScaleSMCADecoderLayer``
-(subclass of the single-scale ``SMCADecoderLayer``, reusing ``smca_gaussian_bias``) and
-``MultiScaleSMCADecoder``.
+The decoder is the one SMCA decoder of ``smca.py`` (``SMCADecoder`` over a list of
+``MemorySegment``s; its ``segment_softmax`` lives in the shared attention kernel of ``layers.py``).
 """
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers.dropout import dropout
 from ...layers.tracing import shape_ints
-from ..layers import MultiheadAttention, clones
+from ..layers import clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerEncoderLayer, TransformerOutput, flatten_level, image_wh
-from .smca import SMCADecoderLayer, mask_padded_keys, prior_in_float32, scale_channels, smca_gaussian_bias
+from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
+from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
-__all__ = ["MemorySegment", "segment_softmax", "segmented_attention", "MultiScaleSMCADecoderLayer",
-           "MultiScaleSMCADecoder", "image_wh", "validate_encoder_layout", "SMCAMultiScaleTransformer"]
+__all__ = ["validate_encoder_layout", "MultiScaleEncoder", "SMCAMultiScaleTransformer"]
 
 ENCODER_LAYER_KINDS = ("intra", "multi")
-
-
-@dataclass(frozen=True)
-class MemorySegment:
-    """One segment (feature map) of the decoder memory, as the SMCA Gaussian sees it.
-
-    height, width: its (padded) grid; keys are its integer ``(column, row)`` positions, row-major.
-    divisor: image pixels per grid cell used for the centre (``centre = ref_px / divisor + ...``).
-    distance_factor: multiplies the weighted squared distance (official: 0.5, 0.5, 1, 2).
-    offset_scale: multiplies the predicted offsets (1 when every segment has its own offsets).
-    param_group: which block of ``point2`` / ``point3`` outputs (offsets, scales) it uses.
-    """
-
-    height: int
-    width: int
-    divisor: float
-    distance_factor: float = 1.0
-    offset_scale: float = 1.0
-    param_group: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.height * self.width
-
-
-def segment_softmax(logits: torch.Tensor, sizes: Sequence[int],
-                    segment_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax of ``logits [..., S]`` taken separately within each contiguous segment of the last
-    dimension.
-
-    Args:
-        logits: attention logits (``-inf`` at masked keys).
-        sizes: P segment lengths (Python ints) summing to ``S``, in key order.
-        segment_weights: optional ``[..., P]`` (broadcastable against ``logits[..., :1]``) per-segment
-            multipliers of the probabilities (SMCA's scale-selection weights α).
-
-    Returns ``[..., S]``: ``w_s · softmax_s(logits)`` on each segment ``s``. A segment whose keys are
-    all masked gets zero weight (instead of NaN). The segments are contiguous, so each is a slice
-    with its own max / sum: exact and deterministic (no scatter atomics), one small step per segment
-    (a handful of feature maps).
-    """
-    sizes = [int(n) for n in sizes]
-    if sum(sizes) != logits.shape[-1]:
-        raise ValueError(f"segment sizes {sizes} sum to {sum(sizes)}, but there are {logits.shape[-1]} keys")
-    parts = []
-    for i, x in enumerate(logits.split(sizes, -1)):
-        with torch.no_grad():  # the max only stabilises the exponent; softmax is invariant to it
-            mx = x.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        e = (x - mx).exp()
-        den = e.sum(-1, keepdim=True)
-        den = torch.where(den > 0, den, torch.ones_like(den))  # fully masked segment: weights 0, finite grads
-        ratio = den.reciprocal() if segment_weights is None else segment_weights[..., i:i + 1] / den
-        parts.append(e * ratio)
-    return torch.cat(parts, -1)
-
-
-def segmented_attention(attn: MultiheadAttention, query, key, value, attn_mask: torch.Tensor,
-                        sizes: Sequence[int], segment_weights: torch.Tensor, need_weights: bool = False):
-    """Multi-head attention (the shared ``MultiheadAttention``'s projections) whose softmax is taken
-    within each key segment and weighted per segment: ``out_proj(Σ_s α_s softmax_s(QKᵀ/√d + mask) V)``.
-
-    attn_mask ``[B, 1|M, Q, S]`` additive (``-inf`` at padded keys, plus e.g. the Gaussian); sizes:
-    the P segment lengths; segment_weights ``[B, Q, P]``. Returns (output ``[B,Q,E]``, weights ``[B,M,Q,S]`` or None).
-    """
-    q, k, v = attn.project(query, key, value)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + attn_mask
-    weights = segment_softmax(logits, sizes, segment_weights[:, None])
-    out = dropout(weights, attn.dropout, attn.training) @ v
-    return attn.out_proj(out.transpose(1, 2).flatten(2)), (weights if need_weights else None)
-
-
-class MultiScaleSMCADecoderLayer(SMCADecoderLayer):
-    """SMCA decoder layer over a memory made of several segments (feature maps).
-
-    Keys as the single-scale layer (``self_attn``, ``multihead_attn``, ``linear1/2``, ``norm1..4``,
-    ``point1`` in layer 0, ``point2``, ``point3``) plus ``point4`` (scale-selection logits, one per
-    segment) when ``scale_selection``. With ``num_param_groups = P > 1`` ``point2`` / ``point3``
-    predict P blocks (group-major: ``[P, G, 2]`` offsets, ``[P, G, k]`` scales), one per
-    ``MemorySegment.param_group`` (official multi-scale: one block per segment).
-    """
-
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str = "relu", normalize_before: bool = False, *, num_segments: int,
-                 num_param_groups: int = 1, scale_selection: bool = True, **smca_kwargs):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, normalize_before, **smca_kwargs)
-        self.num_segments = num_segments
-        self.num_param_groups = num_param_groups
-        g = self.num_gaussians
-        # replaces the single-group heads of the parent (same attribute, same state-dict position)
-        self.point2 = nn.Linear(d_model, 2 * g * num_param_groups)
-        self.point3 = nn.Linear(d_model, self.k * g * num_param_groups) if self.k else None
-        self.point4 = nn.Linear(d_model, num_segments) if scale_selection else None
-
-    @prior_in_float32
-    def multi_scale_prior(self, out: torch.Tensor, ref_px: Optional[torch.Tensor], image_wh: torch.Tensor,
-                          segments: Sequence[MemorySegment], record: Optional[Dict] = None):
-        """SMCA heads of this layer from ``out = norm4(tgt + query_pos)``.
-
-        ``ref_px [B,Q,2]``: layer 0's reference centre in image pixels ``(w, h)·sigmoid(point1)``
-        (None in layer 0, which computes it). Returns (bias ``[B,G,Q,S]`` over the concatenated
-        segments, ref_px, reference logit ``[B,Q,2]`` or None); float32 under autocast
-        (``prior_in_float32``).
-        """
-        b, q, _ = out.shape
-        g, p = self.num_gaussians, self.num_param_groups
-        offsets = self.point2(out)
-        ref_logit = None
-        if self.point1 is not None:
-            ref_logit = self.point1(out)
-            ref_px = image_wh[:, None, :] * ref_logit.sigmoid()
-        elif ref_px is None:
-            raise RuntimeError("SMCA decoder: layer 0 must own the reference head (point1)")
-        off = offsets.view(b, q, p, g, 2)
-        scales = self.point3(out).view(b, q, p, g, self.k) if self.point3 is not None else None
-        biases = []
-        for seg in segments:  # a handful of feature maps; everything inside is batched
-            centers = ref_px[:, :, None, :] / seg.divisor + off[:, :, seg.param_group] * seg.offset_scale
-            sc = scales[:, :, seg.param_group] if scales is not None else None
-            biases.append(smca_gaussian_bias(centers, sc, seg.height, seg.width, self.dynamic_scale,
-                                             self.smooth, seg.distance_factor))
-        bias = torch.cat(biases, dim=-1)
-        if record is not None:
-            record["offsets"] = offsets
-            if scales is not None:
-                record["scale_raw"] = scales.flatten(2)
-            record["gaussian"] = bias
-        return bias, ref_px, ref_logit
-
-    def scale_weights(self, out: torch.Tensor) -> Optional[torch.Tensor]:
-        """α ``[B,Q,P]`` = softmax(point4(out)), or None without scale selection."""
-        return None if self.point4 is None else self.point4(out).softmax(-1)
-
-    def cross_attention(self, x, memory, pos, query_pos, attn_mask, alpha, segments, need_weights):
-        if alpha is None:  # one softmax over every segment ("w/o SSA"): the shared SDPA path
-            return self.multihead_attn(x + query_pos, memory + pos, memory, attn_bias=attn_mask,
-                                       need_weights=need_weights)
-        return segmented_attention(self.multihead_attn, x + query_pos, memory + pos, memory, attn_mask,
-                                   [seg.size for seg in segments], alpha, need_weights)
-
-    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask=None, ref_px=None, *,
-                image_wh, segments: Sequence[MemorySegment], record: Optional[Dict] = None):
-        """tgt/query_pos ``[B,Q,d]``, memory/pos ``[B,S,d]``. Returns (tgt, ref_px, ref_logit)."""
-        out = self.norm4(tgt + query_pos)
-        bias, ref_px, ref_logit = self.multi_scale_prior(out, ref_px, image_wh, segments, record)
-        alpha = self.scale_weights(out)
-        attn_mask = mask_padded_keys(bias, memory_key_padding_mask)
-        need_weights = record is not None
-        if self.normalize_before:
-            x = self.norm1(tgt)
-            qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x)[0])
-            ca, w = self.cross_attention(self.norm2(tgt), memory, pos, query_pos, attn_mask, alpha,
-                                         segments, need_weights)
-            tgt = tgt + self.dropout2(ca)
-            tgt = tgt + self.dropout3(self.ffn(self.norm3(tgt)))
-        else:
-            qk = tgt + query_pos
-            tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)[0]))
-            ca, w = self.cross_attention(tgt, memory, pos, query_pos, attn_mask, alpha, segments, need_weights)
-            tgt = self.norm2(tgt + self.dropout2(ca))
-            tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
-        if record is not None:
-            if alpha is not None:
-                record["scale_attention"] = alpha
-            record["cross_attn_out"] = ca
-            record["cross_attn_weights"] = w
-            record["out"] = tgt
-        return tgt, ref_px, ref_logit
-
-
-class MultiScaleSMCADecoder(nn.Module):
-    """Stack of ``MultiScaleSMCADecoderLayer`` (layer 0 owns ``point1``); the final LayerNorm is
-    applied to every layer output. Keys ``layers.{i}.*``, ``norm``."""
-
-    def __init__(self, layers: List[MultiScaleSMCADecoderLayer], d_model: int):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, tgt, memory, pos, query_pos, memory_key_padding_mask, *, image_wh,
-                segments: Sequence[MemorySegment], records: Optional[List[Dict]] = None):
-        """Returns hs ``[L,B,Q,d]`` and layer 0's reference logit ``[B,Q,2]``."""
-        sizes = [s.size for s in segments]
-        if sum(sizes) != memory.shape[1]:
-            raise ValueError(f"memory has {memory.shape[1]} positions but the segments {sizes} sum to {sum(sizes)}")
-        hs, ref_px, ref_logit = [], None, None
-        for i, layer in enumerate(self.layers):
-            rec = records[i] if records is not None else None
-            tgt, ref_px, logit = layer(tgt, memory, pos, query_pos, memory_key_padding_mask, ref_px,
-                                       image_wh=image_wh, segments=segments, record=rec)
-            if logit is not None:
-                ref_logit = logit
-            hs.append(self.norm(tgt))
-        return torch.stack(hs), ref_logit
-
-
-def build_multiscale_decoder(cfg, num_segments: int, num_param_groups: int, scale_selection: bool):
-    c, s = cfg.MODEL.SMCA_DETR, cfg.MODEL.SMCA_DETR.SMCA
-    scale_channels(s.DYNAMIC_SCALE)
-    if s.SMOOTH <= 0:
-        raise ValueError(f"MODEL.SMCA_DETR.SMCA.SMOOTH (β) must be > 0, got {s.SMOOTH}")
-    if c.DEC_LAYERS < 1:
-        raise ValueError(f"MODEL.SMCA_DETR.DEC_LAYERS must be >= 1 for SMCA, got {c.DEC_LAYERS}")
-    layers = [
-        MultiScaleSMCADecoderLayer(
-            c.HIDDEN_DIM, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM,
-            num_segments=num_segments, num_param_groups=num_param_groups, scale_selection=scale_selection,
-            dynamic_scale=s.DYNAMIC_SCALE, smooth=s.SMOOTH, head_shared=bool(s.HEAD_SHARED),
-            reference_head=(i == 0), center_mlp_layers=s.CENTER_MLP_LAYERS)
-        for i in range(c.DEC_LAYERS)
-    ]
-    return MultiScaleSMCADecoder(layers, c.HIDDEN_DIM)
-
-
-def reset_smca_parameters(module: nn.Module, decoder: MultiScaleSMCADecoder, skip=()):
-    """Official SMCA init: Xavier-uniform on every matrix of the transformer except ``skip``
-    (input projections and queries keep their own init), then ``point3`` weight 0 / bias 1."""
-    skip_ids = {id(p) for m in skip for p in m.parameters()}
-    for p in module.parameters():
-        if p.dim() > 1 and id(p) not in skip_ids:
-            nn.init.xavier_uniform_(p)
-    for layer in decoder.layers:
-        if layer.point3 is not None:
-            nn.init.zeros_(layer.point3.weight)
-            nn.init.ones_(layer.point3.bias)
 
 
 def validate_encoder_layout(layout, enc_layers: int) -> List[str]:
@@ -356,9 +124,9 @@ class SMCAMultiScaleTransformer(nn.Module):
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
         enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
         self.encoder = MultiScaleEncoder(enc_layer, self.layout, nn.LayerNorm(d) if c.PRE_NORM else None)
-        self.decoder = build_multiscale_decoder(cfg, self.num_levels, 1, self.scale_selection)
+        self.decoder = SMCADecoder(cfg, self.num_levels, 1, self.scale_selection)
         self.record_intermediates = False
-        reset_smca_parameters(self, self.decoder, skip=(self.input_proj, self.extra_proj, self.query_embed))
+        reset_smca_parameters(self, skip=(self.input_proj, self.extra_proj, self.query_embed))
         nn.init.normal_(self.level_embed)  # as Deformable DETR's level embedding
 
     def segments(self, shapes) -> List[MemorySegment]:
@@ -389,17 +157,8 @@ class SMCAMultiScaleTransformer(nn.Module):
         lvl_pos = torch.cat([flatten_level(p) + e for p, e in zip(pos, self.level_embed.to(src.dtype))], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         memory = self.encoder(src, lvl_pos, mask, sizes)
-        b = src.shape[0]
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        wh = image_wh(image_sizes, b, src)
-        records = [{} for _ in self.decoder.layers] if self.record_intermediates else None
-        hs, ref_logit = self.decoder(tgt, memory, lvl_pos, query_pos, mask, image_wh=wh,
-                                     segments=self.segments(shapes), records=records)
-        extras = {"reference_points": ref_logit.sigmoid()}
-        if records is not None:
-            extras.update(masks=masks, pos=pos, src=srcs, memory=memory, memory_mask=mask, ref_logits=ref_logit)
-            for i, rec in enumerate(records):
-                extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
-        references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
-        return TransformerOutput(hs=hs, references=references, extras=extras)
+        record = None
+        if self.record_intermediates:
+            record = dict(masks=masks, pos=pos, src=srcs, memory=memory, memory_mask=mask)
+        return self.decoder.decode(self.query_embed.weight, memory, lvl_pos, mask, image_sizes, self.segments(shapes),
+                                   record)
