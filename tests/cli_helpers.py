@@ -1,5 +1,6 @@
 """``train_net.py`` in separate processes on a tiny SMCA-DETR and the tiny synthetic split, for the
-resume / distributed / preemption tests (test_resume.py, test_distributed.py).
+resume / distributed / preemption tests (test_resume.py, test_distributed.py), and
+:func:`spawn_gloo`, the two-process gloo harness of the in-process distributed tests.
 
 The model is the demo recipe (configs/demo/smca_r18_slim_synthetic.yaml) cut down to an 8-channel
 ResNet-18, one encoder and two decoder layers of width 32 and 8 queries at 48-80 px, with dropout,
@@ -75,3 +76,27 @@ def tiny_synthetic_root(tmp_path_factory, splits=("smca_synthetic_tiny_train",))
     for split in splits:
         synthetic.generate_split(split, root, progress=False)
     return root
+
+
+def _gloo_entry(rank, fn, init_file, out_dir, world_size, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=world_size, rank=rank)
+    try:
+        torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, out_dir, *args, world_size=2):
+    """``fn(rank, *args)`` in ``world_size`` spawned processes joined in a gloo process group (one
+    torch thread each); returns the per-rank results (saved under ``out_dir``), rank order. ``fn``
+    must be a module-level function (it is pickled)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(tempfile.mkdtemp(dir=str(out_dir)), "init")
+    mp.spawn(_gloo_entry, args=(fn, init_file, str(out_dir), world_size, args), nprocs=world_size, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

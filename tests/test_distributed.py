@@ -23,8 +23,8 @@ import time
 import pytest
 import torch
 
-from cli_helpers import REPO, assert_same_training_state, cli_env, load, run_train_net, tiny_synthetic_root, \
-    train_net_cmd
+from cli_helpers import (REPO, assert_same_training_state, cli_env, load, run_train_net, spawn_gloo,
+                         tiny_synthetic_root, train_net_cmd)
 
 from smca_detr.checkpoint import safe_torch_load
 from smca_detr.engine.preemption import PREEMPTED_EXIT_CODE
@@ -209,28 +209,13 @@ def _one_step(focal, images, ddp):
     return {n: (p.grad.clone(), p.detach().clone()) for n, p in module.named_parameters() if p.grad is not None}
 
 
-def _ddp_step_worker(rank, init_file, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=2, rank=rank)
-    try:
-        result = {focal: _one_step(focal, [2 * rank, 2 * rank + 1], ddp=True) for focal in (False, True)}
-        torch.save(result, os.path.join(out_dir, f"step{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_step_worker(rank):
+    return {focal: _one_step(focal, [2 * rank, 2 * rank + 1], ddp=True) for focal in (False, True)}
 
 
 @pytest.fixture(scope="module")
 def ddp_steps(tmp_path_factory):
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("ddp_step")
-    init_file = os.path.join(tempfile.mkdtemp(dir=str(out)), "init")
-    mp.spawn(_ddp_step_worker, args=(init_file, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"step{r}.pt", weights_only=False) for r in (0, 1)]
+    return spawn_gloo(_ddp_step_worker, tmp_path_factory.mktemp("ddp_step"))
 
 
 @pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])

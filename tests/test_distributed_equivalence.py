@@ -6,7 +6,6 @@ The same through ``train_net.py`` (preemption, a failing process, a DDP step) is
 """
 import json
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from smca_detr.checkpoint import SmcaDetrCheckpointer
 from smca_detr.engine import Trainer
 from smca_detr.modeling.criterion import SetCriterion
 from smca_detr.modeling.matcher import HungarianMatcher
+from cli_helpers import spawn_gloo
 from train_step_helpers import NUM_CLASSES, _assert_same_detections, _png, build, make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -74,29 +74,23 @@ def _register_eval_dataset(name, json_file, image_root):
         register_coco_instances(name, {}, json_file, image_root)
 
 
-def _dist_worker(rank, init_file, out_dir, eval_args):
-    import torch.distributed as dist
+def _dist_worker(rank, out_dir, eval_args):
     from detectron2.utils import comm
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=2, rank=rank)
-    try:
-        assert comm.get_world_size() == 2 and comm.get_rank() == rank
-        assert comm.all_gather(rank) == [0, 1]
-        result = {}
-        for focal in (False, True):
-            result[focal] = _losses_and_grads(focal, [2 * rank, 2 * rank + 1])
-        # evaluation through the trainer's test path: the test loader shards images over the ranks,
-        # COCOEvaluator gathers the detections on rank 0
-        name, json_file, image_root, weights = eval_args
-        _register_eval_dataset(name, json_file, image_root)
-        cfg = _eval_cfg(name, os.path.join(out_dir, "eval"))
-        model = Trainer.build_model(cfg)
-        SmcaDetrCheckpointer(model).load(weights)
-        result["metrics"] = Trainer.test(cfg, model)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    assert comm.get_world_size() == 2 and comm.get_rank() == rank
+    assert comm.all_gather(rank) == [0, 1]
+    result = {}
+    for focal in (False, True):
+        result[focal] = _losses_and_grads(focal, [2 * rank, 2 * rank + 1])
+    # evaluation through the trainer's test path: the test loader shards images over the ranks,
+    # COCOEvaluator gathers the detections on rank 0
+    name, json_file, image_root, weights = eval_args
+    _register_eval_dataset(name, json_file, image_root)
+    cfg = _eval_cfg(name, os.path.join(out_dir, "eval"))
+    model = Trainer.build_model(cfg)
+    SmcaDetrCheckpointer(model).load(weights)
+    result["metrics"] = Trainer.test(cfg, model)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +114,8 @@ def eval_setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory, eval_setup):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("gloo")
-    init_file = os.path.join(tempfile.mkdtemp(dir=str(out)), "init")
-    mp.spawn(_dist_worker, args=(init_file, str(out), eval_setup), nprocs=2, join=True)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return out, spawn_gloo(_dist_worker, out, str(out), eval_setup)
 
 
 @pytest.mark.parametrize("focal", [False, True], ids=["softmax", "focal"])
