@@ -44,7 +44,7 @@ def add_smca_detr_config(cfg):
     _C.NUM_CLASSES = 80
     # Backbone levels fed to the transformer, finest first (e.g. ["res5"], ["res3","res4","res5"]).
     _C.IN_FEATURES = ["res5"]
-    # CPU execution strategy for a detectron2 ResNet backbone (modeling/fused_resnet.py), not a model
+    # CPU execution strategy for a detectron2 ResNet backbone (layers/cpu/fused_resnet.py), not a model
     # change: norms folded into the convolutions, oneDNN fused conv+ReLU / conv+add+ReLU, Winograd
     # 3x3 and GEMM 1x1 convolutions where they measured faster (thresholds: constants in
     # fused_resnet.py). Same maths up to float32 rounding; applies only where exact (float32, no

@@ -131,7 +131,7 @@ def _reference_conditional_cross_attention(q_content, q_spatial, k_content, k_po
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
 def test_cross_attention_concatenates_content_and_spatial_per_head(explicit, monkeypatch):
-    from smca_detr.modeling import layers as layers_mod
+    from smca_detr.modeling import blocks as layers_mod
 
     monkeypatch.setattr(layers_mod, "use_explicit_softmax", lambda *args: explicit)
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""1x1 convolution as per-image GEMMs (smca_detr/layers/conv1x1.py) against F.conv2d."""
+"""1x1 convolution as per-image GEMMs (smca_detr/layers/cpu/conv1x1.py) against F.conv2d."""
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smca_detr.layers.conv1x1 import conv1x1_gemm
+from smca_detr.layers.cpu.conv1x1 import conv1x1_gemm
 
 CL = torch.channels_last
 

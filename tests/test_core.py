@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from smca_detr.modeling.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
                                         generalized_box_iou)
 from smca_detr.modeling.criterion import SetCriterion, sigmoid_focal_loss
-from smca_detr.modeling.layers import MLP, MultiheadAttention, attention, inverse_sigmoid, use_explicit_softmax
+from smca_detr.modeling.blocks import MLP, MultiheadAttention, attention, inverse_sigmoid, use_explicit_softmax
 from smca_detr.modeling.matcher import HungarianMatcher
 from smca_detr.modeling.position_encoding import PositionEmbeddingSine, sine_embed
 

@@ -128,7 +128,7 @@ def test_other_dtypes_fall_back_to_torch_dropout(monkeypatch):
 def test_attention_training_path_uses_explicit_softmax_with_dropout():
     """In CPU training with dropout the attention takes the explicit path; with dropout 0 it equals
     the SDPA path (same maths), with dropout the output differs from eval and stays finite."""
-    from smca_detr.modeling.layers import MultiheadAttention
+    from smca_detr.modeling.blocks import MultiheadAttention
 
     torch.manual_seed(0)
     attn = MultiheadAttention(16, 4, dropout=0.0)

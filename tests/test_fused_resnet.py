@@ -1,4 +1,4 @@
-"""The fused CPU inference path of detectron2 ResNets (smca_detr/modeling/fused_resnet.py)."""
+"""The fused CPU inference path of detectron2 ResNets (smca_detr/layers/cpu/fused_resnet.py)."""
 import inspect
 import pytest
 import torch
@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 from smca_detr.config import add_smca_detr_config
-from smca_detr.modeling.fused_resnet import fused_frozen_prefix, fused_resnet_forward, fused_resnet_supported
+from smca_detr.layers.cpu.fused_resnet import fused_frozen_prefix, fused_resnet_forward, fused_resnet_supported
 
 
 def _cfg(depth, norm, out_features, width=None, freeze_at=0, name="build_resnet_backbone"):
@@ -43,7 +43,7 @@ def _randomize_norms(model, gen):
 )
 def test_fused_resnet_matches_detectron2_forward(depth, norm, width, out_features, name, winograd_min_channels,
                                                 f4_min_pixels, monkeypatch):
-    from smca_detr.modeling import fused_resnet as fused_mod
+    from smca_detr.layers.cpu import fused_resnet as fused_mod
 
     wino_calls = []  # (map pixels, transformed positions: 16 = F(2x2, 3x3), 36 = F(4x4, 3x3))
     real_wino = fused_mod.winograd_conv3x3
@@ -110,7 +110,7 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
     """MODEL.SMCA_DETR.FUSED_CPU_BACKBONE is the one switch: on, eval-mode CPU inference takes the
     fused path with its default (measured) thresholds; off, detectron2's own forward runs."""
     from smca_detr.modeling import backbone as backbone_mod
-    from smca_detr.modeling import fused_resnet as fused_mod
+    from smca_detr.layers.cpu import fused_resnet as fused_mod
     from smca_detr.modeling.backbone import DetrBackbone
 
     cfg = _cfg(18, "FrozenBN", ["res4"], 8, name="build_slim_resnet_backbone")
@@ -166,7 +166,7 @@ def test_trainable_bn_stages_are_not_fused():
     assert fused_frozen_prefix(body, torch.randn(1, 3, 32, 32)) == 1
     # ... and no trainable block folds a training-mode BatchNorm: with nothing frozen either, the
     # training path declines entirely and detectron2's own forward runs
-    from smca_detr.modeling import fused_resnet as fused_mod
+    from smca_detr.layers.cpu import fused_resnet as fused_mod
 
     assert not any(fused_mod._train_foldable_block(b) for s in body.stages for b in s)
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
@@ -198,7 +198,7 @@ def test_training_forward_matches_detectron2(freeze_at, train_winograd, f4_min_p
     GEMM threshold the 1x1 convs on large enough maps run as per-image GEMMs (reading the frozen
     prefix's channels-last output as is, feeding Winograd channels-last rows). Outputs and the
     gradients of every trainable parameter equal detectron2's own forward/backward."""
-    from smca_detr.modeling import fused_resnet as fused_mod
+    from smca_detr.layers.cpu import fused_resnet as fused_mod
 
     gen = torch.Generator().manual_seed(1)
     cfg = _cfg(50, "FrozenBN", ["res3", "res4", "res5"], 8, freeze_at=freeze_at)
@@ -253,7 +253,7 @@ def test_training_forward_basic_blocks_match_detectron2(train_winograd, gemm_min
     """R18 (BasicBlock) with eval-mode BatchNorm whose affine parameters train: each conv runs with
     its norm folded through autograd (3x3 stride-1 convs through Winograd with a threshold), and the
     conv weights as well as the norms' gamma/beta get detectron2's gradients."""
-    from smca_detr.modeling import fused_resnet as fused_mod
+    from smca_detr.layers.cpu import fused_resnet as fused_mod
 
     gen = torch.Generator().manual_seed(2)
     cfg = _cfg(18, "BN", ["res3", "res4"], 8, freeze_at=0, name="build_slim_resnet_backbone")

@@ -148,7 +148,7 @@ def test_fp16_attention_mask_stays_finite_where_keys_are_valid():
     """A float32 Gaussian prior cast to fp16 clamps instead of overflowing to -inf: a query whose
     Gaussian is far from every key (bias < -65504 everywhere) gets finite logits, not a row of -inf
     (NaN after the softmax); padded keys stay -inf; in float32 the mask is unchanged."""
-    from smca_detr.modeling.layers import MultiheadAttention, make_attn_mask
+    from smca_detr.modeling.blocks import MultiheadAttention, make_attn_mask
     from smca_detr.modeling.transformers.smca import mask_padded_keys
 
     g = torch.Generator().manual_seed(0)

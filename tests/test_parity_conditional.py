@@ -108,7 +108,7 @@ def test_parity_conditional_single_image_without_padding(case):
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
 def test_parity_conditional_naive_attention_matches(case, explicit, monkeypatch):
     """Either path of the shared attention kernel (SDPA, explicit softmax) gives the official outputs."""
-    from smca_detr.modeling import layers as layers_mod
+    from smca_detr.modeling import blocks as layers_mod
 
     monkeypatch.setattr(layers_mod, "use_explicit_softmax", lambda *args: explicit)
     fx, model, out = case

@@ -15,7 +15,7 @@ from parity_common import load_fixture, parity_dir
 from smca_detr.checkpoint import coco_official_columns, safe_torch_load
 from smca_detr.checkpoint.smca import convert_official_smca, detect_smca_kind
 from smca_detr.config import add_smca_detr_config
-from smca_detr.modeling.layers import MultiheadAttention
+from smca_detr.modeling.blocks import MultiheadAttention
 from smca_detr.modeling.transformers.smca import (SCALE_CHANNELS, SMCATransformer, mask_padded_keys,
                                                   smca_gaussian_bias)
 
@@ -169,7 +169,7 @@ def test_cross_attention_paths_agree_with_gradients(monkeypatch):
     outputs and gradients (incl. the gradient into the Gaussian, i.e. point2/point3)."""
     import torch.nn.functional as F
 
-    from smca_detr.modeling import layers as layers_mod
+    from smca_detr.modeling import blocks as layers_mod
 
     sdpa_calls = []
     real_sdpa = F.scaled_dot_product_attention

@@ -19,7 +19,7 @@ from detectron2.structures import Boxes, Instances
 
 from smca_detr.config import add_smca_detr_config
 from smca_detr.modeling.backbone import image_padding_mask, resize_mask
-from smca_detr.modeling.layers import segment_softmax
+from smca_detr.modeling.blocks import segment_softmax
 from smca_detr.modeling.transformers.smca import mask_padded_keys
 from smca_detr.modeling.transformers.smca_conv_multiscale import SMCAConvMultiScaleTransformer
 from smca_detr.modeling.transformers.smca_multiscale import SMCAMultiScaleTransformer

@@ -1,9 +1,9 @@
-"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (smca_detr/layers/winograd.py) against F.conv2d."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions (smca_detr/layers/cpu/winograd.py) against F.conv2d."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smca_detr.layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
+from smca_detr.layers.cpu.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                        winograd_weight_differentiable)
 
 TILES = [2, 4]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from .fused_resnet import fused_resnet_forward, fused_resnet_supported, fused_training_forward
+from ..layers.cpu.fused_resnet import fused_resnet_forward, fused_resnet_supported, fused_training_forward
 
 __all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import MLP, clones
+from .blocks import MLP, clones
 
 __all__ = ["PredictionHeads", "at_least_float32"]
 

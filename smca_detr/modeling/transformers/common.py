@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
-from ..layers import FFNMixin, MultiheadAttention, clones
+from ..blocks import FFNMixin, MultiheadAttention, clones
 from ..position_encoding import PositionEmbeddingSine
 
 __all__ = ["image_wh", "TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",

@@ -20,7 +20,7 @@ Only layer 0 adds the object query / memory position to the content query / key
 (``ca_qpos_proj``; later layers have no such key, as the official model). The decoder LayerNorm is
 applied to every layer output. The official decoder is post-norm only (pre-norm raises there too).
 
-Attention runs through the shared kernel ``smca_detr.modeling.layers.attention``: the self-attention
+Attention runs through the shared kernel ``smca_detr.modeling.blocks.attention``: the self-attention
 with head width ``d/M``, the cross-attention with query/key head width ``2d/M`` and value head width
 ``d/M`` (both SDPA and the explicit softmax take different widths), so no Python loop over heads.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import Dropout
-from ..layers import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
+from ..blocks import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, build_single_level, padding_mask_or_none
@@ -43,7 +43,7 @@ class HeadAttention(nn.Module):
     """Attention over already projected, head-split inputs; only holds ``out_proj``.
 
     ``q [B,M,Lq,Eqk]``, ``k [B,M,Lk,Eqk]``, ``v [B,M,Lk,Ev]`` -> ``[B,Lq,M*Ev]`` after ``out_proj``,
-    through the shared kernel :func:`smca_detr.modeling.layers.attention` (logit scale ``1/sqrt(Eqk)``,
+    through the shared kernel :func:`smca_detr.modeling.blocks.attention` (logit scale ``1/sqrt(Eqk)``,
     the official ``head_dim ** -0.5`` with ``head_dim`` the query/key width per head).
     """
 

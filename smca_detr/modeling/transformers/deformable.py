@@ -33,7 +33,7 @@ from ...layers.ms_deform_attn import MSDeformAttn
 from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask
 from ..heads import at_least_float32
-from ..layers import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
+from ..blocks import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, flatten_level, padding_mask_or_none

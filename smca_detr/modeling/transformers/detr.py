@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ...layers.dropout import Dropout
-from ..layers import FFNMixin, MultiheadAttention, clones
+from ..blocks import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, build_single_level, padding_mask_or_none
 

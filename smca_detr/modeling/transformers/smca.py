@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ...layers.tracing import shape_ints
-from ..layers import MLP
+from ..blocks import MLP
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, build_single_level, image_wh, padding_mask_or_none
 from .detr import TransformerDecoderLayer

@@ -40,7 +40,7 @@ from torch import nn
 
 from ...layers.dropout import Dropout
 from ...layers.tracing import shape_ints
-from ..layers import FFNMixin, clones
+from ..blocks import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, check_levels, flatten_level

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.tracing import shape_ints
-from ..layers import clones
+from ..blocks import clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerEncoderLayer, TransformerOutput, flatten_level

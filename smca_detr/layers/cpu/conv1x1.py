@@ -12,7 +12,7 @@ runs): 512->128 at 80x100 101 vs 62 ms, 128->512 at 80x100 94 vs 61 ms, 256->128
 the weight gradient only 205 vs 81 ms, 256->512 stride 2 from 160x200 (weights only) 175 vs 92 ms,
 512->1024 stride 2 from 80x100 180 vs 110 ms; on 40x50 maps both are equal within the noise, on
 20x25 oneDNN is faster. Callers therefore take this path by map size
-(:func:`smca_detr.modeling.fused_resnet.fused_training_forward`).
+(:func:`smca_detr.layers.cpu.fused_resnet.fused_training_forward`).
 
 The output layout is chosen by the caller (``channels_last``: the next op is a Winograd convolution,
 which reads channels-last rows); the input gradient comes back in the input's layout, so no layout

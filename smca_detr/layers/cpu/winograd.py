@@ -20,7 +20,7 @@ the project's 2-core CPU at one 640x800 image (R50 3x3 convolutions, conv + bias
 F(2x2) / F(4x4) in ms: 64 ch @ 160x200 12.5 / 22.0 / 16.4, 128 @ 80x100 13.8 / 11.8 / 10.1,
 256 @ 40x50 13.6 / 9.3 / 7.3, 512 @ 20x25 15.1 / 8.2 / 8.2. Callers therefore pick Winograd by
 input channels and the tile size by the map size (:func:`winograd_tile`,
-:func:`smca_detr.modeling.fused_resnet.fused_resnet_forward`).
+:func:`smca_detr.layers.cpu.fused_resnet.fused_resnet_forward`).
 
 Accuracy: F(2x2, 3x3) uses only the exact coefficients 0, +-1 and 1/2, so it equals the direct
 convolution up to float32 rounding (about 1e-6 relative). F(4x4, 3x3) has coefficients up to 8 and

@@ -18,7 +18,7 @@ otherwise and the caller falls back to the modules' own forward:
     (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
   * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
 3x3 stride-1 convolutions with enough input channels (:data:`WINOGRAD_MIN_CHANNELS`) run
-as Winograd GEMMs (:mod:`smca_detr.layers.winograd`) instead of oneDNN's direct kernel: F(4x4, 3x3) on
+as Winograd GEMMs (:mod:`smca_detr.layers.cpu.winograd`) instead of oneDNN's direct kernel: F(4x4, 3x3) on
 maps of at least :data:`WINOGRAD_F4_MIN_PIXELS` pixels, F(2x2, 3x3) on smaller ones.
 In training (:func:`fused_training_forward`), the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``:
 the stem and res2 in the DETR recipes) take the same fused path without autograd
@@ -30,7 +30,7 @@ their exact gradients, and the separate scale-and-shift pass and its backward di
 one-GEMM Winograd filter transform, 8% less R50 backbone training time); their 3x3 convolutions with at least
 :data:`TRAIN_WINOGRAD_MIN_CHANNELS` input channels use the differentiable Winograd
 convolution, and their 1x1 convolutions on maps of at least :data:`TRAIN_GEMM_1X1_MIN_PIXELS`
-pixels run as per-image GEMMs (:mod:`smca_detr.layers.conv1x1`) that read the frozen prefix's
+pixels run as per-image GEMMs (:mod:`smca_detr.layers.cpu.conv1x1`) that read the frozen prefix's
 channels-last output as is and hand Winograd channels-last rows. Blocks with a training-mode
 BatchNorm, the stem and other block types run their own forward.
 Folded weights are cached per convolution and recomputed when any source tensor changes (new
@@ -46,15 +46,15 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
-from ..layers.conv1x1 import conv1x1_gemm
-from ..layers.tracing import tracing_or_compiling
-from ..layers.winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
+from .conv1x1 import conv1x1_gemm
+from ..tracing import tracing_or_compiling
+from .winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                winograd_weight_differentiable)
 
 __all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
 # 3x3 stride-1 convolutions with at least this many input channels run as Winograd GEMMs at
-# inference (layers/winograd.py): 128 = R50 res3-res5, 10-30% faster per convolution than oneDNN.
+# inference (winograd.py): 128 = R50 res3-res5, 10-30% faster per convolution than oneDNN.
 WINOGRAD_MIN_CHANNELS = 128
 # Winograd F(4x4, 3x3) (4x fewer multiply-adds than direct, ~4x its float32 rounding) on maps of at
 # least this many pixels, F(2x2, 3x3) on smaller ones: 1024 = R50 res3-res4 at 640x800 (res5, 20x25,
@@ -65,7 +65,7 @@ WINOGRAD_F4_MIN_PIXELS = 1024
 # 47 vs 124 ms at res4, 72 vs 148 ms at res5 (F(2x2)).
 TRAIN_WINOGRAD_MIN_CHANNELS = 128
 # Training: 1x1 convolutions of trainable blocks on maps of at least this many pixels run as per-image
-# GEMMs (layers/conv1x1.py): 62 vs 101 ms fwd+bwd for 512->128 at 80x100; equal at 40x50, oneDNN
+# GEMMs (conv1x1.py): 62 vs 101 ms fwd+bwd for 512->128 at 80x100; equal at 40x50, oneDNN
 # faster at 20x25. 4096 = R50 res3 and the convolutions reading res2 at 640x800.
 TRAIN_GEMM_1X1_MIN_PIXELS = 4096
 
@@ -347,14 +347,14 @@ def fused_resnet_forward(body: ResNet, x: torch.Tensor, winograd_min_channels: i
     """Same outputs as ``body(x)`` (contiguous NCHW), via folded fused oneDNN convolutions.
 
     3x3 stride-1 convolutions with at least ``winograd_min_channels`` input channels run through
-    Winograd GEMMs instead (:mod:`smca_detr.layers.winograd`; 0 = never): F(4x4, 3x3) on maps of at
+    Winograd GEMMs instead (:mod:`smca_detr.layers.cpu.winograd`; 0 = never): F(4x4, 3x3) on maps of at
     least ``winograd_f4_min_pixels`` pixels (0 = never), F(2x2, 3x3) otherwise. Call only when
     :func:`fused_resnet_supported` says so; or, in training, with ``fused_parts =
     fused_frozen_prefix(body, x)``: that frozen prefix is fused (without autograd) and the remaining
     stages run through their own modules, except that the 3x3 convolutions of bottleneck blocks with
     at least ``train_winograd_min_channels`` input channels (0 = none) use the differentiable
     Winograd convolution and their 1x1 convolutions on maps of at least ``train_gemm_min_pixels``
-    pixels (0 = none) run as per-image GEMMs (:func:`smca_detr.layers.conv1x1.conv1x1_gemm`)."""
+    pixels (0 = none) run as per-image GEMMs (:func:`smca_detr.layers.cpu.conv1x1.conv1x1_gemm`)."""
     n_fused = 1 + len(body.stages) if fused_parts is None else int(fused_parts)
     cache = body.__dict__.setdefault("_smca_fused_cache", {})
     wanted = set(body._out_features)
