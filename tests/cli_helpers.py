@@ -85,6 +85,7 @@ def _gloo_entry(rank, fn, init_file, out_dir, world_size, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=world_size, rank=rank)
     try:
         torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # all ranks done before rank 0, the store's host, tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -414,9 +414,19 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
                 comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
     try:
-        return main_func(*args)
+        result = main_func(*args)
+        # every rank is done before any tears the group down: rank 0 hosts the TCP store, and a rank
+        # still inside destroy_process_group when it disappears aborts ("terminate called without an
+        # active exception", SIGABRT). Not on an error: the others may never arrive.
+        comm.synchronize()
+        return result
     finally:
         dist.destroy_process_group()
+        # drop detectron2's cached groups now, not in the interpreter's teardown (where freeing a gloo
+        # group can abort the process: "terminate called without an active exception")
+        comm._LOCAL_PROCESS_GROUP = None
+        if hasattr(comm, "_get_global_gloo_group"):
+            comm._get_global_gloo_group.cache_clear()
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
