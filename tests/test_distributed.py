@@ -142,10 +142,14 @@ def test_failure_of_one_process_ends_all_processes_and_keeps_the_last_checkpoint
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=240)
     ended = time.time()
-    assert proc.returncode != 0 and "injected failure" in proc.stdout, proc.stdout[-3000:]
+    # the launcher reports whichever rank exited first: rank 1's injected error or rank 0's "connection
+    # closed by peer" (a race), so the injected failure is checked in rank 1's own log
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    rank1_log = (out / "log.txt.rank1").read_text()
+    assert "injected failure" in rank1_log, rank1_log[-3000:]
     # rank 1 logged its exception (second resolution); rank 0 and the launcher followed within
     # seconds, not after the 30-minute collective timeout (nor after spawn's 30 s SIGKILL grace)
-    line = next(x for x in (out / "log.txt.rank1").read_text().splitlines() if "Exception during training" in x)
+    line = next(x for x in rank1_log.splitlines() if "Exception during training" in x)
     failed = datetime.datetime.strptime(f"{datetime.date.today().year}/{line[1:15]}", "%Y/%m/%d %H:%M:%S")
     assert ended - failed.timestamp() < 25, line
     assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
