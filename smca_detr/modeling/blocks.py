@@ -9,7 +9,7 @@ from torch import nn
 from ..layers.dropout import Dropout, dropout
 
 __all__ = ["MLP", "MultiheadAttention", "attention", "use_explicit_softmax", "segment_softmax", "FFNMixin", "make_attn_mask", "finite_cast", "inverse_sigmoid",
-           "get_activation", "clones"]
+           "get_activation", "clones", "at_least_float32", "autocast_off"]
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -176,6 +176,16 @@ def segment_softmax(logits: torch.Tensor, sizes: Sequence[int],
         ratio = den.reciprocal() if segment_weights is None else segment_weights[..., i:i + 1] / den
         parts.append(e * ratio)
     return torch.cat(parts, -1)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half / bfloat16 -> float32; float32 and float64 (parity runs) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def autocast_off(device_type: str):
+    """Context with autocast disabled on ``device_type`` (maths that must stay in float32)."""
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def finite_cast(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from .heads import at_least_float32
+from .blocks import at_least_float32, autocast_off
 from .matcher import HungarianMatcher
 from .registry import CRITERION_REGISTRY
 
@@ -30,10 +30,6 @@ def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss
-
-
-def _autocast_off(device_type):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 @CRITERION_REGISTRY.register()
@@ -155,7 +151,7 @@ class SetCriterion(nn.Module):
         layers are matched together: one device-to-host transfer of their costs, one non-blocking
         host-to-device transfer of their indices."""
         logits_all = outputs["pred_logits"]
-        with _autocast_off(logits_all.device.type):
+        with autocast_off(logits_all.device.type):
             logits_all = at_least_float32(logits_all)
             boxes_all = at_least_float32(outputs["pred_boxes"])
             num_boxes = self.num_boxes(targets, logits_all.device)

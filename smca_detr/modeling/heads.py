@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import MLP, clones
+from .blocks import MLP, at_least_float32, clones
 
-__all__ = ["PredictionHeads", "at_least_float32"]
+__all__ = ["PredictionHeads"]
 
 
 class PredictionHeads(nn.Module):
@@ -78,6 +78,3 @@ class PredictionHeads(nn.Module):
         return torch.stack(logits), torch.stack(boxes)
 
 
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half / bfloat16 -> float32; float32 and float64 (parity runs) unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

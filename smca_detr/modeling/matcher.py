@@ -13,6 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from .blocks import autocast_off
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 __all__ = ["HungarianMatcher", "current_iteration"]
@@ -34,10 +35,6 @@ def _diverged(what: str):
     raise FloatingPointError(
         f"HungarianMatcher: {what} {where}; training diverged (try a lower SOLVER.BASE_LR, "
         "SOLVER.CLIP_GRADIENTS, or SOLVER.AMP.PRECISION='bfloat16')")
-
-
-def _autocast_off(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class HungarianMatcher(nn.Module):
@@ -67,7 +64,7 @@ class HungarianMatcher(nn.Module):
         """On the predictions' device, without a host synchronisation: the matching cost ``[B,Q,T]``
         (T = all targets of the batch) and a scalar flag, nonzero if a prediction is non-finite."""
         bs, nq = logits.shape[:2]
-        with _autocast_off(logits.device.type):
+        with autocast_off(logits.device.type):
             # half / bfloat16 -> float32; float64 (parity runs) stays float64
             work = torch.float64 if logits.dtype == torch.float64 else torch.float32
             out_logits = logits.flatten(0, 1).to(work)

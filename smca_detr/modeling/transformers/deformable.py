@@ -32,7 +32,7 @@ from ...layers.dropout import Dropout
 from ...layers.ms_deform_attn import MSDeformAttn
 from ...layers.msda import IMPLS as MSDA_IMPLS
 from ..backbone import image_padding_mask, resize_mask
-from ..heads import at_least_float32
+from ..blocks import at_least_float32
 from ..blocks import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY

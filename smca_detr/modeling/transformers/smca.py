@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ...layers.tracing import shape_ints
-from ..blocks import MLP
+from ..blocks import MLP, at_least_float32
 from ..registry import TRANSFORMER_REGISTRY
 from .common import TransformerOutput, build_single_level, image_wh, padding_mask_or_none
 from .detr import TransformerDecoderLayer
@@ -63,10 +63,6 @@ def scale_channels(dynamic_scale: str) -> int:
     return SCALE_CHANNELS[dynamic_scale]
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def prior_in_float32(method):
     """Decorator of the SMCA prior methods ``(self, out, ref, image_wh, ...)`` (single and multi
     scale): under autocast (bf16 / fp16) they run with autocast off and ``out``, the reference centre
@@ -78,8 +74,8 @@ def prior_in_float32(method):
         if not torch.is_autocast_enabled(out.device.type):
             return method(self, out, ref, image_wh, *args, **kwargs)
         with torch.autocast(out.device.type, enabled=False):
-            return method(self, _at_least_float32(out), None if ref is None else _at_least_float32(ref),
-                          _at_least_float32(image_wh), *args, **kwargs)
+            return method(self, at_least_float32(out), None if ref is None else at_least_float32(ref),
+                          at_least_float32(image_wh), *args, **kwargs)
     return run
 
 
