@@ -1,7 +1,9 @@
-"""Smoke test of tools/convergence.py on the tiny synthetic splits: two models, 4 iterations,
-an evaluation every 2, tiny widths and inputs. The first run is interrupted before the last chunk of
-the second model, the second run resumes it from its checkpoint; then curves.json, curves.png and
-table.md are checked, and a third run with the same settings must skip both finished models."""
+"""Smoke test of tools/convergence.py on the tiny synthetic splits: two models (DETR with two seeds),
+4 iterations, an evaluation every 2, tiny transformer and inputs, the shipped pretrained backbone.
+A first piece with a tiny --max-hours trains exactly one chunk; the second is interrupted before the
+last chunk of the second model, the third resumes it from its checkpoint; then curves.json (with the
+three pieces), curves.png and table.md are checked, and a fourth run with the same settings must skip
+every finished run."""
 import importlib.util
 import json
 from pathlib import Path
@@ -13,13 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
     "DATASETS.TRAIN", "('smca_synthetic_tiny_train',)", "DATASETS.TEST", "('smca_synthetic_tiny_val',)",
-    "SOLVER.IMS_PER_BATCH", "2", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+    "SOLVER.IMS_PER_BATCH", "2",
     "MODEL.SMCA_DETR.HIDDEN_DIM", "32", "MODEL.SMCA_DETR.NHEADS", "4", "MODEL.SMCA_DETR.DIM_FEEDFORWARD", "64",
     "MODEL.SMCA_DETR.NUM_QUERIES", "10",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "96",
 ]
-MODELS = ["detr", "smca_ms"]
+MODELS = ["detr", "smca_ms", "detr@7"]
 
 
 def _load_tool():
@@ -40,7 +42,14 @@ def study(tmp_path_factory):
     argv = ["--models", ",".join(MODELS), "--max-iter", "4", "--eval-every", "2", "--eval-images", "4",
             "--thresholds", "0,50", "--output", str(tmp / "out"), "--work-dir", str(tmp / "work"), *TINY]
 
-    # run 1: interleaved order detr->2, smca_ms->2, detr->4, then "killed" before smca_ms trains to 4
+    # piece 1: the time limit stops it after its first chunk (detr -> 2)
+    assert tool.main(["--max-hours", "1e-9"] + argv) == 0
+    first = json.loads((tmp / "out" / "curves.json").read_text())
+    assert [p["iteration"] for p in first["models"]["detr"]["points"]] == [2]
+    assert not first["models"]["smca_ms"]["points"]
+    assert [(pc["stopped"], pc["chunks"]) for pc in first["pieces"]] == [("time limit", ["detr: 0 -> 2"])]
+
+    # piece 2: interleaved order smca_ms->2, detr@7->2, detr->4, then "killed" before smca_ms trains to 4
     real_chunk = tool.train_chunk
 
     def interrupted_chunk(args, name, eval_dataset, until, *rest, **kw):
@@ -57,8 +66,9 @@ def study(tmp_path_factory):
     partial = json.loads((tmp / "out" / "curves.json").read_text())["models"]
     assert partial[MODELS[0]]["complete"] and [p["iteration"] for p in partial[MODELS[0]]["points"]] == [2, 4]
     assert not partial[MODELS[1]]["complete"] and [p["iteration"] for p in partial[MODELS[1]]["points"]] == [2]
+    assert [p["iteration"] for p in partial["detr@7"]["points"]] == [2]
 
-    # run 2: finishes smca_ms from its iteration-2 checkpoint, leaves detr alone
+    # piece 3: finishes smca_ms and detr@7 from their iteration-2 checkpoints, leaves detr alone
     calls = []
 
     def recording_chunk(args, name, eval_dataset, until, on_point, last_point=None, *rest, **kw):
@@ -70,8 +80,11 @@ def study(tmp_path_factory):
         assert tool.main(argv) == 0
     finally:
         tool.train_chunk = real_chunk
-    assert calls == [(MODELS[1], 4, 2)]
-    final = json.loads((tmp / "out" / "curves.json").read_text())["models"]
+    assert calls == [(MODELS[1], 4, 2), ("detr@7", 4, 2)]
+    data = json.loads((tmp / "out" / "curves.json").read_text())
+    assert [pc["stopped"] for pc in data["pieces"]] == ["time limit", "interrupted", "done"]
+    assert data["pieces"][2]["chunks"] == ["smca_ms: 2 -> 4", "detr@7: 2 -> 4"]
+    final = data["models"]
     assert final[MODELS[0]] == partial[MODELS[0]]
     assert final[MODELS[1]]["points"][0] == partial[MODELS[1]]["points"][0]
     return tool, tmp / "out", argv
@@ -86,9 +99,13 @@ def test_curves_json(study):
     assert s["train_dataset"] == "smca_synthetic_tiny_train" and s["val_dataset"] == "smca_synthetic_tiny_val"
     assert data["hardware"]["cpu_count"] >= 1
     assert set(data["models"]) == set(MODELS)
+    assert data["models"]["detr"]["settings"]["seed"] == 42 and data["models"]["detr@7"]["settings"]["seed"] == 7
+    # another seed: other initial weights of the transformer, so other losses
+    assert data["models"]["detr"]["points"][0]["total_loss"] != data["models"]["detr@7"]["points"][0]["total_loss"]
     for name in MODELS:
         e = data["models"][name]
-        assert e["complete"] is True and e["params"] > 0 and e["config"] == f"configs/convergence/{name}.yaml"
+        model = name.partition("@")[0]
+        assert e["complete"] is True and e["params"] > 0 and e["config"] == f"configs/convergence/{model}.yaml"
         its = [p["iteration"] for p in e["points"]]
         assert its == [2, 4]  # every 2 iterations, the last one at max_iter
         assert all(a < b for a, b in zip(its, its[1:]))
@@ -109,14 +126,17 @@ def test_png_and_table(study):
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 300
     table = (out / "table.md").read_text()
     rows = [l for l in table.splitlines() if l.startswith("| ")]
-    for label in ("DETR", "SMCA (multi scale)"):
+    for label in ("DETR", "SMCA (multi scale)", "DETR (seed 7)"):
         model_rows = [r for r in rows if r.startswith(f"| {label} |")]
         assert len(model_rows) == 2  # AP/AP50 table and the threshold table
     assert "| model | it 2 | it 4 |" in table
     assert "AP50 ≥ 0" in table and "AP50 ≥ 50" in table
     # every model reaches AP50 >= 0 at its first evaluation
-    assert table.count("it 2 (") == 2
-    assert "Is the papers' ordering reproduced?" in table and "from scratch" in table
+    assert table.count("it 2 (") == 3
+    assert "Is the papers' ordering reproduced?" in table
+    assert "initialised from `smca_detr://r18_slim_cls_synthetic.pth`" in table
+    assert "## Spread between seeds (final AP)" in table and "- DETR: seed 7 AP" in table
+    assert "## Pieces" in table and "time limit: detr: 0 -> 2" in table
 
 
 def test_rerun_skips_complete_models(study):

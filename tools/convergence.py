@@ -58,7 +58,9 @@ logger = logging.getLogger("smca_detr.convergence")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated runs: a model of {list(MODELS)}, optionally with its own seed as "
+                         "<model>@<seed> (e.g. detr,detr@43: two seeds of DETR)")
     ap.add_argument("--max-iter", type=int, default=200, help="training iterations of every model")
     ap.add_argument("--eval-every", type=int, default=50, help="evaluate every K iterations (and at the end)")
     ap.add_argument("--eval-images", type=int, default=100,
@@ -69,6 +71,10 @@ def parse_args(argv=None):
     ap.add_argument("--config-dir", default=CONFIG_DIR, help="where <model>.yaml are")
     ap.add_argument("--thresholds", default="10,25,50", help="AP50 thresholds of the 'first reaches' table")
     ap.add_argument("--seed", type=int, default=42, help="seed of every model (weights, data order, flips)")
+    ap.add_argument("--max-hours", type=float, default=2.0,
+                    help="length of one piece: no chunk is started once this much wall time has passed (or would "
+                         "pass, judging by the longest chunk so far); the same command later continues the study "
+                         "where it stopped. Every piece is recorded in curves.json")
     ap.add_argument("--force", action="store_true", help="re-run models that curves.json marks complete")
     ap.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
                     help="interleaved (default): every model trains to the next evaluation point before any goes "
@@ -82,17 +88,38 @@ def parse_args(argv=None):
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model: KEY VALUE ...")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
+    try:
+        runs = [parse_run(m, args.seed) for m in args.models]
+    except ValueError:
+        ap.error(f"--models: entries are <model> or <model>@<seed>, got {args.models}")
+    unknown = [m for m, _ in runs if m not in MODELS]
     if unknown or not args.models:
-        ap.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
-    if args.max_iter < 1 or args.eval_every < 1 or args.eval_images < 0:
-        ap.error("--max-iter and --eval-every must be >= 1, --eval-images >= 0")
+        ap.error(f"--models: unknown {unknown}; choose from {list(MODELS)} (optionally @<seed>)")
+    args.models = [run_id(m, seed, args.seed) for m, seed in runs]
+    if args.max_iter < 1 or args.eval_every < 1 or args.eval_images < 0 or args.max_hours <= 0:
+        ap.error("--max-iter and --eval-every must be >= 1, --eval-images >= 0, --max-hours > 0")
     args.thresholds = sorted(float(t) for t in args.thresholds.split(",") if t.strip())
     if args.opts and args.opts[0] == "--":
         args.opts = args.opts[1:]
     if len(args.opts) % 2:
         ap.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     return args
+
+
+def parse_run(text, default_seed):
+    """"detr" -> ("detr", default_seed); "detr@43" -> ("detr", 43)."""
+    name, _, seed = text.partition("@")
+    return name, int(seed) if seed else default_seed
+
+
+def run_id(name, seed, default_seed):
+    """The key of a run in curves.json and its work folder: the model name, "+@seed" off the default."""
+    return name if seed == default_seed else f"{name}@{seed}"
+
+
+def run_label(run, default_seed):
+    name, seed = parse_run(run, default_seed)
+    return MODELS[name][1] + ("" if seed == default_seed else f" (seed {seed})")
 
 
 # ----------------------------------------------------------------------------------- json state
@@ -125,10 +152,11 @@ def save_json_atomic(path, data):
     os.replace(tmp, path)
 
 
-def run_settings(args):
-    """What must match for a stored model to count as done with this command."""
+def run_settings(args, run=None):
+    """What must match for a stored run to count as done with this command."""
+    seed = parse_run(run, args.seed)[1] if run else args.seed
     return {"max_iter": args.max_iter, "eval_every": args.eval_every, "eval_images": args.eval_images,
-            "seed": args.seed, "opts": list(args.opts)}
+            "seed": seed, "opts": list(args.opts)}
 
 
 def hardware_info():
@@ -188,13 +216,14 @@ def register_eval_subset(val_name, num_images, work_dir):
 # ----------------------------------------------------------------------------------- training
 
 
-def build_cfg(args, model_name, eval_dataset=None):
+def build_cfg(args, run, eval_dataset=None):
     from detectron2.config import get_cfg
 
     from smca_detr.config import add_smca_detr_config
 
     cfg = get_cfg()
     add_smca_detr_config(cfg)
+    model_name, seed = parse_run(run, args.seed)
     cfg.merge_from_file(os.path.join(args.config_dir, MODELS[model_name][0]))
     cfg.merge_from_list(list(args.opts))
     cfg.SOLVER.MAX_ITER = args.max_iter
@@ -203,8 +232,8 @@ def build_cfg(args, model_name, eval_dataset=None):
     cfg.TEST.EVAL_PERIOD = args.eval_every
     if eval_dataset is not None:
         cfg.DATASETS.TEST = (eval_dataset,)
-    cfg.SEED = args.seed
-    cfg.OUTPUT_DIR = os.path.join(args.work_dir, model_name)
+    cfg.SEED = seed
+    cfg.OUTPUT_DIR = os.path.join(args.work_dir, run)
     cfg.freeze()
     return cfg
 
@@ -315,8 +344,9 @@ def train_chunk(args, model_name, eval_dataset, until, on_point, last_point=None
             f.write(cfg.dump())
     # the same seed for every chunk: same initial weights (overwritten when resuming) and the same
     # training-sampler seed, so that a resumed chunk continues the index stream of the previous one
-    seed_all_rng(args.seed)
-    torch.manual_seed(args.seed)
+    seed = cfg.SEED
+    seed_all_rng(seed)
+    torch.manual_seed(seed)
     offsets = {k: last_point[k] for k in ("wall_s", "elapsed_s")} if last_point else {}
     trainer = make_trainer_class()(cfg, on_point, offsets)
     if start > 0:
@@ -331,7 +361,7 @@ def train_chunk(args, model_name, eval_dataset, until, on_point, last_point=None
     if on_built is not None:
         on_built(sum(p.numel() for p in trainer.model.parameters()))
     trainer.max_iter = until
-    seed_all_rng(args.seed + start)  # augmentations (flips, sizes) of this chunk
+    seed_all_rng(seed + start)  # augmentations (flips, sizes) of this chunk
     trainer.train()
 
 
@@ -358,6 +388,11 @@ def budget_of(cfg):
 # ----------------------------------------------------------------------------------- outputs
 
 
+def run_order(models):
+    """Run ids in MODELS order, then by seed."""
+    return sorted(models, key=lambda r: (list(MODELS).index(r.partition("@")[0]), models[r]["settings"]["seed"]))
+
+
 def first_reach(points, key, threshold):
     for p in points:
         if p.get(key) is not None and p[key] >= threshold:
@@ -369,32 +404,51 @@ def _fmt(x, digits=1):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def mean_curves(models):
+    """model name -> (runs, {iteration: mean AP over the runs (seeds) evaluated at that iteration by all})."""
+    runs = {}
+    for run, e in models.items():
+        runs.setdefault(run.partition("@")[0], []).append(e)
+    out = {}
+    for name, es in runs.items():
+        per_run = [{p["iteration"]: p["AP"] for p in e["points"] if p["AP"] is not None} for e in es]
+        common = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+        out[name] = (len(es), {i: sum(d[i] for d in per_run) / len(per_run) for i in common})
+    return out
+
+
 def convergence_verdict(models, margin=1.0, min_ap=1.0):
-    """Plain-language reading of the curves against the papers' claim (fast variants > DETR): a variant
-    counts as faster when it is more than ``margin`` AP above DETR at the last common evaluation point
-    and never more than ``margin`` below it; inconclusive while no model reaches ``min_ap`` AP."""
-    detr = models.get("detr")
-    fast = [m for m in FAST_MODELS if m in models and models[m]["points"]]
-    if not detr or not detr["points"] or not fast:
+    """Plain-language reading of the curves against the papers' claim (fast variants > DETR), on the
+    mean over seeds: a variant counts as faster when it is more than ``margin`` AP above DETR at the
+    last common evaluation point and never more than ``margin`` below it; inconclusive while no model
+    reaches ``min_ap`` AP. Also: the first iteration at which each variant reaches DETR's final AP."""
+    curves = mean_curves(models)
+    fast = [m for m in FAST_MODELS if m in curves and curves[m][1]]
+    if "detr" not in curves or not curves["detr"][1] or not fast:
         return "Not assessable: DETR and at least one fast-converging variant need evaluation points."
-    detr_ap = {p["iteration"]: p["AP"] for p in detr["points"]}
+    n_detr, detr_ap = curves["detr"]
+    detr_last = max(detr_ap)
+    target = detr_ap[detr_last]
     lines, faster = [], []
     for m in fast:
-        common = [p for p in models[m]["points"] if p["iteration"] in detr_ap and p["AP"] is not None
-                  and detr_ap[p["iteration"]] is not None]
+        n, ap = curves[m]
+        common = [i for i in sorted(ap) if i in detr_ap]
         if not common:
             continue
-        gaps = [p["AP"] - detr_ap[p["iteration"]] for p in common]
+        gaps = [ap[i] - detr_ap[i] for i in common]
         above = sum(g > margin for g in gaps)
         below = sum(g < -margin for g in gaps)
         is_faster = gaps[-1] > margin and below == 0
         faster.append(is_faster)
-        last = common[-1]
-        lines.append(f"- {models[m]['label']}: {'faster than' if is_faster else 'not clearly faster than'} DETR — "
-                     f"more than {margin:g} AP above it at {above}, within ±{margin:g} at "
-                     f"{len(gaps) - above - below}, below at {below} of {len(gaps)} common evaluation points; "
-                     f"at iteration {last['iteration']} AP {last['AP']:.2f} vs DETR {detr_ap[last['iteration']]:.2f} "
-                     f"({gaps[-1]:+.2f}).")
+        reach = next((i for i in sorted(ap) if ap[i] >= target), None)
+        reach_s = (f"reaches DETR's final AP ({target:.2f} at iteration {detr_last}) at iteration {reach}"
+                   + (f", {detr_last / reach:.1f}× fewer iterations" if reach and reach < detr_last else "")
+                   if reach else f"never reaches DETR's final AP ({target:.2f})")
+        lines.append(f"- {MODELS[m][1]}{f' (mean of {n} seeds)' if n > 1 else ''}: "
+                     f"{'faster than' if is_faster else 'not clearly faster than'} DETR — more than {margin:g} AP "
+                     f"above it at {above}, within ±{margin:g} at {len(gaps) - above - below}, below at {below} of "
+                     f"{len(gaps)} common evaluation points; at iteration {common[-1]} AP {ap[common[-1]]:.2f} vs "
+                     f"DETR {detr_ap[common[-1]]:.2f} ({gaps[-1]:+.2f}); {reach_s}.")
     if not lines:
         return "Not assessable: no common evaluation points with DETR."
     best = max((p["AP"] for e in models.values() for p in e["points"] if p["AP"] is not None), default=0.0)
@@ -408,17 +462,37 @@ def convergence_verdict(models, margin=1.0, min_ap=1.0):
         head = "**Partly reproduced**: only some of the fast-converging variants end clearly above DETR."
     else:
         head = "**Not reproduced** in this budget: no fast-converging variant ends clearly above DETR."
-    return "\n".join([head, f"(Criterion: more than {margin:g} AP above DETR at the last common evaluation "
-                             f"point and never more than {margin:g} AP below it.)", ""] + lines)
+    return "\n".join([head, f"(Criterion, on the mean over seeds{f' (DETR: {n_detr})' if n_detr > 1 else ''}: more "
+                             f"than {margin:g} AP above DETR at the last common evaluation point and never more than "
+                             f"{margin:g} AP below it.)", ""] + lines)
+
+
+def seed_spread(models):
+    """Lines 'model: final AP of each seed (range)' for models run with more than one seed."""
+    runs = {}
+    for run, e in models.items():
+        if e.get("points"):
+            runs.setdefault(run.partition("@")[0], []).append((e["settings"]["seed"], e["points"][-1]))
+    out = []
+    for m in MODELS:
+        if len(runs.get(m, [])) > 1:
+            finals = sorted(runs[m])
+            aps = [p["AP"] for _, p in finals if p["AP"] is not None]
+            out.append(f"- {MODELS[m][1]}: " + ", ".join(f"seed {sd} AP {_fmt(p['AP'], 2)} (it {p['iteration']})"
+                                                          for sd, p in finals)
+                       + (f"; spread {max(aps) - min(aps):.2f} AP" if aps else ""))
+    return out
 
 
 def write_table(path, data, thresholds):
     settings = data.get("settings", {})
     hw = data.get("hardware", {})
     models = {m: e for m, e in data["models"].items() if e.get("points")}
-    order = [m for m in MODELS if m in models]
+    order = run_order(models)
     iters = sorted({p["iteration"] for m in order for p in models[m]["points"]})
-    out = ["# Convergence study (synthetic shapes, CPU, tiny from-scratch models)", ""]
+    b = settings.get("budget", {})
+    init = f"initialised from `{b['weights']}`" if b.get("weights") else "from scratch"
+    out = [f"# Convergence study (synthetic shapes, CPU, small models, backbone {init})", ""]
     out.append("Generated by `tools/convergence.py`; numbers from `curves.json` next to this file, curves in "
                "`curves.png`.")
     out.append("")
@@ -427,18 +501,18 @@ def write_table(path, data, thresholds):
     out.append(f"- Data: train `{settings.get('train_dataset', '?')}`, evaluation on the first "
                f"{settings.get('eval_images', '?')} images (by image id) of `{settings.get('val_dataset', '?')}` "
                "(COCO AP, pure-Python COCOeval).")
-    b = settings.get("budget", {})
     out.append(f"- Budget (identical for every model): {settings.get('max_iter', '?')} iterations × batch "
                f"{settings.get('ims_per_batch', '?')} (≈ {settings.get('epochs', '?')} epochs), evaluation every "
-               f"{settings.get('eval_every', '?')} iterations, seed {settings.get('seed', '?')}. "
-               f"ResNet-{_backbone_name(b)} from scratch (trainable {b.get('norm', '?')}, freeze_at "
+               f"{settings.get('eval_every', '?')} iterations, seeds {sorted({models[m]['settings']['seed'] for m in order})}. "
+               f"ResNet-{_backbone_name(b)} {init} ({b.get('norm', '?')}, freeze_at "
                f"{b.get('freeze_at', '?')}), d = {b.get('hidden_dim', '?')}, {b.get('nheads', '?')} heads, "
                f"{b.get('enc_layers', '?')} encoder + {b.get('dec_layers', '?')} decoder layers, FFN "
                f"{b.get('ffn', '?')}, {b.get('queries', '?')} queries, dropout {b.get('dropout', '?')}, shorter "
                f"side {b.get('min_size_train', '?')} (max {b.get('max_size_train', '?')}; test "
-               f"{b.get('min_size_test', '?')}/{b.get('max_size_test', '?')}), flips, no crop; AdamW lr "
-               f"{b.get('lr', '?')} for everything (backbone multiplier {b.get('backbone_multiplier', '?')}; "
-               "Deformable keeps its paper's 0.1 on sampling_offsets / reference_points), weight decay "
+               f"{b.get('min_size_test', '?')}/{b.get('max_size_test', '?')}), flips, no crop; AdamW, the "
+               f"papers' learning rates (lr {b.get('lr', '?')}, Deformable DETR: its config's; backbone multiplier "
+               f"{b.get('backbone_multiplier', '?')}; Deformable keeps its paper's 0.1 on sampling_offsets / "
+               "reference_points), weight decay "
                f"{b.get('weight_decay', '?')}, full-model clipping {b.get('clip', '?')}, "
                f"{b.get('warmup_iters', '?')} warmup iterations, LR steps {b.get('steps', '?')} "
                "(`configs/convergence/`).")
@@ -450,6 +524,15 @@ def write_table(path, data, thresholds):
     out.append("")
     if settings.get("note"):
         out += ["## Run notes", "", settings["note"], ""]
+    pieces = data.get("pieces", [])
+    if pieces:
+        out += ["## Pieces", "", f"{len(pieces)} invocations of the tool (each at most `--max-hours`); per piece: "
+                "start, wall hours, chunks trained (run: from -> to iteration).", ""]
+        for k, pc in enumerate(pieces, 1):
+            chunks = ", ".join(pc.get("chunks", [])) or "none"
+            out.append(f"{k}. {pc.get('started', '?')}, {pc.get('seconds', 0) / 3600:.2f} h, "
+                       f"{pc.get('stopped', '?')}: {chunks}")
+        out.append("")
     out.append("## AP / AP50 at each evaluation point")
     out.append("")
     if order:
@@ -483,6 +566,9 @@ def write_table(path, data, thresholds):
             out.append(f"| {e['label']} | " + " | ".join(cells) + f" | {best_s} |")
         out.append("")
         out.append("Time in parentheses: training wall seconds (evaluation excluded) until that point.")
+        spread = seed_spread(models)
+        if spread:
+            out += ["", "## Spread between seeds (final AP)", ""] + spread
     else:
         out.append("No evaluation point yet.")
     out.append("")
@@ -495,18 +581,18 @@ def write_table(path, data, thresholds):
     out.append("")
     out.append("## Caveats")
     out.append("")
-    out.append("- These are tiny models trained from scratch for a short schedule (≤ "
+    out.append("- These are tiny models trained for a short schedule (≤ "
                f"{settings.get('epochs', '?')} epochs) of a small synthetic dataset on a "
                "CPU: the absolute numbers say nothing about COCO, and the ordering at this scale need not match "
-               f"the papers' (no pretrained backbone, {b.get('enc_layers', '?')}+{b.get('dec_layers', '?')} layers, "
+               f"the papers' (backbone {init}, {b.get('enc_layers', '?')}+{b.get('dec_layers', '?')} layers, "
                f"{b.get('queries', '?')} queries, short schedule).")
-    out.append("- One seed per model, evaluation on a subset of the validation split: differences of a few AP "
-               "points are within run-to-run noise.")
+    out.append("- Few seeds (see the spread above), evaluation on a subset of the validation split: differences "
+               "smaller than the spread between seeds are noise.")
     out.append("- Focal-loss models keep the top-100 of query × class scores, DETR one detection per query (each "
                "paper's own post-processing); this alone can favour the focal models slightly in AP.")
     out.append("- Wall times come from a CPU that may be shared with other jobs: compare them only roughly.")
     incomplete = [models[m]["label"] for m in order if not models[m].get("complete")]
-    missing = [MODELS[m][1] for m in settings.get("models", []) if m not in models]
+    missing = [run_label(m, settings.get("seed", 0)) for m in settings.get("models", []) if m not in models]
     if incomplete or missing:
         out.append(f"- Incomplete: {', '.join(incomplete) or 'none'}; not run: {', '.join(missing) or 'none'}.")
     out.append("")
@@ -526,12 +612,11 @@ def write_plot(path, data):
     panels = [("iteration", "AP", "AP vs iteration"), ("iteration", "AP50", "AP50 vs iteration"),
               ("wall_s", "AP", "AP vs training time")]
     for ax, (xkey, ykey, title) in zip(axes, panels):
-        for m in MODELS:
-            if m not in models:
-                continue
+        for m in run_order(models):
+            name = m.partition("@")[0]
             pts = [p for p in models[m]["points"] if p.get(ykey) is not None]
-            style = "--" if m == "detr" else "-"
-            ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], style, marker="o", ms=4,
+            ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], "--" if "@" in m else "-", marker="o", ms=4,
+                    color=f"C{list(MODELS).index(name)}", lw=2.2 if name == "detr" else 1.5,
                     label=models[m]["label"] + ("" if models[m].get("complete") else " (partial)"))
         ax.set_title(title)
         ax.set_xlabel("training wall time (s)" if xkey == "wall_s" else "iteration")
@@ -542,7 +627,8 @@ def write_plot(path, data):
         axes[0].legend(fontsize=8)
     s = data.get("settings", {})
     b = s.get("budget", {})
-    fig.suptitle(f"Convergence on {s.get('train_dataset', '?')} (R{_backbone_name(b)} from scratch, "
+    init = "pretrained" if b.get("weights") else "from scratch"
+    fig.suptitle(f"Convergence on {s.get('train_dataset', '?')} (R{_backbone_name(b)} {init}, "
                  f"d={b.get('hidden_dim', '?')}, {b.get('enc_layers', '?')}+{b.get('dec_layers', '?')} layers, "
                  f"batch {s.get('ims_per_batch', '?')}, eval on {s.get('eval_images', '?')} val images, CPU)",
                  fontsize=10)
@@ -589,6 +675,9 @@ def main(argv=None):
 
     curves_path = os.path.join(args.output, "curves.json")
     data = load_curves(curves_path)
+    for pc in data.get("pieces", []):
+        if pc.get("stopped") == "running":  # a piece that ended without saying so (killed)
+            pc["stopped"] = "interrupted"
     settings = run_settings(args)
 
     # evaluation subset of the (first) test split of the first model's config
@@ -615,7 +704,8 @@ def main(argv=None):
     todo = []
     for name in args.models:
         entry = data["models"].get(name)
-        same = bool(entry) and entry.get("settings") == settings
+        run_set = run_settings(args, name)
+        same = bool(entry) and entry.get("settings") == run_set
         if same and entry.get("complete") and not args.force:
             logger.info(f"{name}: complete in {curves_path} with these settings, skipped (--force re-runs it)")
             continue
@@ -624,10 +714,11 @@ def main(argv=None):
         else:
             if entry and entry.get("points"):
                 logger.info(f"{name}: {'--force' if same else 'settings changed'}; training from iteration 0")
+            model = parse_run(name, args.seed)[0]
             entry = data["models"][name] = {
-                "label": MODELS[name][1],
-                "config": os.path.relpath(os.path.join(args.config_dir, MODELS[name][0]), REPO),
-                "settings": settings, "complete": False, "points": [],
+                "label": run_label(name, args.seed),
+                "config": os.path.relpath(os.path.join(args.config_dir, MODELS[model][0]), REPO),
+                "settings": run_set, "complete": False, "points": [],
             }
         todo.append(name)
     save_json_atomic(curves_path, data)
@@ -642,11 +733,22 @@ def main(argv=None):
 
     steps = [(name, end) for name, end in steps if end > last_iter(name)]
     t_all = time.time()
+    piece = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+             "seconds": 0.0, "chunks": [], "stopped": "running"}
+    if steps:
+        data.setdefault("pieces", []).append(piece)
+    longest = 0.0
     bar = tqdm(steps, desc="convergence", unit="chunk")
     for name, end in bar:
         entry = data["models"][name]
         if end <= last_iter(name):
             continue
+        if piece["chunks"] and time.time() - t_all + longest > args.max_hours * 3600:  # >= 1 chunk per piece
+            piece["stopped"] = "time limit"
+            logger.info(f"[convergence] --max-hours {args.max_hours:g} reached: stopping before {name} -> it {end}; "
+                        "run the same command again to continue")
+            break
+        t_chunk, begin = time.time(), last_iter(name)
         bar.set_postfix_str(f"{name}: training to it {end}")
         entry.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
 
@@ -670,10 +772,18 @@ def main(argv=None):
             logger.warning(f"{e}; training {name} again from iteration 0")
             entry["points"].clear()
             train_chunk(args, name, eval_dataset, end, on_point, None, on_built)
+        longest = max(longest, time.time() - t_chunk)
+        piece["chunks"].append(f"{name}: {begin} -> {end}")
+        piece["seconds"] = round(time.time() - t_all, 1)
         write_outputs(args.output, data, args.thresholds)
+    else:
+        piece["stopped"] = "done"
     bar.close()
+    if steps:
+        piece["seconds"] = round(time.time() - t_all, 1)
+        write_outputs(args.output, data, args.thresholds)
 
-    print(f"\nconvergence study done in {time.time() - t_all:.0f} s")
+    print(f"\nconvergence piece {piece['stopped']} after {time.time() - t_all:.0f} s")
     for name in args.models:
         e = data["models"].get(name, {})
         last = e.get("points", [{}])[-1] if e.get("points") else {}
