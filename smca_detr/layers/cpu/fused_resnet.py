@@ -51,7 +51,7 @@ from ..tracing import tracing_or_compiling
 from .winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                winograd_weight_differentiable)
 
-__all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
+__all__ = ["FusedCpuForward", "fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
 # 3x3 stride-1 convolutions with at least this many input channels run as Winograd GEMMs at
 # inference (winograd.py): 128 = R50 res3-res5, 10-30% faster per convolution than oneDNN.
@@ -406,3 +406,22 @@ def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channe
                                 train_winograd_min_channels=train_winograd_min_channels,
                                 winograd_f4_min_pixels=winograd_f4_min_pixels,
                                 train_gemm_min_pixels=train_gemm_min_pixels)
+
+
+class FusedCpuForward:
+    """The ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE`` dispatch, ``(body, images) -> features`` of a
+    detectron2 backbone: with ``enabled``, CPU tensors take the fused inference path where it is exact
+    (:func:`fused_resnet_supported`), else the training path (:func:`fused_training_forward`) where it
+    applies; otherwise, and always on an accelerator (CPU-only kernels), ``body(images)``."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+
+    def __call__(self, body: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.enabled and images.device.type == "cpu":
+            if fused_resnet_supported(body, images)[0]:
+                return fused_resnet_forward(body, images)
+            feats = fused_training_forward(body, images)
+            if feats is not None:
+                return feats
+        return body(images)
