@@ -119,6 +119,11 @@ def encoder_output_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------- layers
+def _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout):
+    """The deformable attention of a layer with its residual dropout and post-norm."""
+    return MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl), Dropout(dropout), nn.LayerNorm(d_model)
+
+
 class DeformableTransformerEncoderLayer(FFNMixin, nn.Module):
     """Deformable self-attention (queries = positions + encodings, values = positions), post-norm,
     then FFN with post-norm (official order; keys ``self_attn``, ``norm1``, ``linear1/2``, ``norm2``)."""
@@ -126,9 +131,7 @@ class DeformableTransformerEncoderLayer(FFNMixin, nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
                  n_points=4, msda_impl="auto"):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn, self.dropout1, self.norm1 = _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout)
         self.build_ffn(d_model, d_ffn, dropout, activation)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -146,9 +149,7 @@ class DeformableTransformerDecoderLayer(FFNMixin, nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
                  n_points=4, msda_impl="auto"):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn, self.dropout1, self.norm1 = _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout)
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
