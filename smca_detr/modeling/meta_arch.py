@@ -17,6 +17,7 @@ from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import build_criterion
 from .heads import PredictionHeads
 from .registry import TRANSFORMER_REGISTRY
+from .transformers.common import DetrTransformerBase
 
 __all__ = ["SmcaDetrDetector", "build_transformer"]
 
@@ -33,12 +34,12 @@ def build_transformer(cfg, input_shapes):
 @META_ARCH_REGISTRY.register()
 class SmcaDetrDetector(nn.Module):
     @configurable
-    def __init__(self, *, backbone: DetrBackbone, transformer: nn.Module, heads: PredictionHeads,
+    def __init__(self, *, backbone: DetrBackbone, transformer: DetrTransformerBase, heads: PredictionHeads,
                  criterion: nn.Module, focal: bool, test_topk: int, pixel_mean, pixel_std):
         """
         Args:
             backbone: adapter returning feature levels and their padding masks.
-            transformer: a TRANSFORMER_REGISTRY module returning ``TransformerOutput``.
+            transformer: a TRANSFORMER_REGISTRY module (the contract: ``DetrTransformerBase``).
             heads: class / box heads.
             criterion: a CRITERION_REGISTRY module (matcher + losses).
             focal: sigmoid scores (focal-loss variants) instead of softmax with "no object".
@@ -54,9 +55,7 @@ class SmcaDetrDetector(nn.Module):
         self.test_topk = test_topk
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
-        init_heads = getattr(transformer, "init_heads", None)
-        if init_heads is not None:
-            init_heads(heads)
+        transformer.init_heads(heads)
 
     @classmethod
     def from_config(cls, cfg):
@@ -71,14 +70,13 @@ class SmcaDetrDetector(nn.Module):
         backbone = DetrBackbone(cfg, c.IN_FEATURES)
         transformer = build_transformer(cfg, backbone.output_shapes)
         focal = c.CLASS_LOSS == "focal"
-        num_sets = getattr(transformer, "num_head_sets", c.DEC_LAYERS)
         heads = PredictionHeads(
             hidden_dim=c.HIDDEN_DIM,
             num_logits=c.NUM_CLASSES if focal else c.NUM_CLASSES + 1,
-            num_sets=num_sets,
-            per_layer=getattr(transformer, "per_layer_heads", False),
+            num_sets=transformer.num_head_sets,
+            per_layer=transformer.per_layer_heads,
             focal_prior=c.FOCAL_PRIOR if focal else None,
-            zero_init_box=getattr(transformer, "zero_init_box", False),
+            zero_init_box=transformer.zero_init_box,
         )
         return {
             "backbone": backbone,

@@ -6,7 +6,7 @@ from torch import nn
 from ...layers.dropout import Dropout
 from ..blocks import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, build_single_level, padding_mask_or_none
+from .common import DetrTransformerBase, TransformerOutput, build_single_level, padding_mask_or_none
 
 __all__ = ["DETRTransformer", "TransformerDecoderLayer", "TransformerDecoder"]
 
@@ -64,11 +64,11 @@ class TransformerDecoder(nn.Module):
 
 
 @TRANSFORMER_REGISTRY.register()
-class DETRTransformer(nn.Module):
+class DETRTransformer(DetrTransformerBase):
     """Plain DETR. Keys: ``input.input_proj``, ``query_embed``, ``encoder.*``, ``decoder.*``."""
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.MODEL.SMCA_DETR
         build_single_level(self, cfg, input_shapes, "DETRTransformer")
         d = c.HIDDEN_DIM

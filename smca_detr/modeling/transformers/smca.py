@@ -43,7 +43,7 @@ from torch import nn
 from ...layers.tracing import shape_ints
 from ..blocks import MLP, at_least_float32
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, build_single_level, image_wh, padding_mask_or_none
+from .common import DetrTransformerBase, TransformerOutput, build_single_level, image_wh, padding_mask_or_none
 from .detr import TransformerDecoderLayer
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
@@ -320,7 +320,7 @@ class SMCADecoder(nn.Module):
         """The SMCA transformers' tail: zero targets with the learned ``query_embed [Q,d]`` as query
         positions, the decoder, references (layer 0's logit for every layer). ``record_extras`` (a
         dict, or None when not recording): the caller's intermediates, returned in ``extras`` with
-        ``hs``, ``ref_logits`` and every layer's ``dec.{l}.*``. ``extras["reference_points"]``
+        ``hs``, ``ref_logits``, ``memory_shapes``, ``memory_strides`` and every layer's ``dec.{l}.*``. ``extras["reference_points"]``
         (sigmoid of the reference logit, ``[B,Q,2]``, normalised (x, y)) is always returned."""
         b = memory.shape[0]
         query_pos = query_embed[None].expand(b, -1, -1)
@@ -331,7 +331,8 @@ class SMCADecoder(nn.Module):
                              records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
-            extras.update(record_extras, hs=hs, ref_logits=ref_logit)
+            extras.update(record_extras, hs=hs, ref_logits=ref_logit, memory_shapes=[(s.height, s.width) for s in segments],
+                          memory_strides=[s.divisor for s in segments])
             for i, rec in enumerate(records):
                 extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
         references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
@@ -353,7 +354,7 @@ def reset_smca_parameters(module: nn.Module, skip=()):
 
 
 @TRANSFORMER_REGISTRY.register()
-class SMCATransformer(nn.Module):
+class SMCATransformer(DetrTransformerBase):
     """SMCA-DETR single scale. Keys: ``input.input_proj``, ``query_embed``, ``encoder.layers.*``,
     ``decoder.layers.*``, ``decoder.norm`` (official names after the ``transformer.`` prefix, see
     ``smca_detr.checkpoint.smca``).
@@ -371,11 +372,10 @@ class SMCATransformer(nn.Module):
     """
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         build_single_level(self, cfg, input_shapes, "SMCATransformer")
         self.stride = int(input_shapes[0].stride)
         self.decoder = SMCADecoder(cfg)
-        self.record_intermediates = False
         reset_smca_parameters(self, skip=(self.input, self.query_embed))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
