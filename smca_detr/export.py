@@ -1,27 +1,10 @@
-"""ONNX export of every smca_detr variant and an ONNX Runtime predictor.
+"""ONNX export of every smca_detr variant and an ONNX Runtime predictor (docs/EXPORT.md: the graph's
+input, outputs, operators and metadata, how it is recorded, what the predictors accept).
 
     from smca_detr.export import export_onnx, OnnxPredictor
     export_onnx(model, "model.onnx")                 # model: a built SmcaDetrDetector (eval mode)
     predictor = OnnxPredictor("model.onnx")          # config and class names travel in the file
     instances = predictor(image_rgb)                 # detectron2 Instances in pixels of the image
-
-The exported graph (opset :data:`OPSET`, standard ``ai.onnx`` operators only):
-
-* input ``images``: ``[B, 3, H, W]`` float32, raw pixel values 0..255 in the config's
-  ``INPUT.FORMAT`` channel order (the network input *after* the test resize); ``B``, ``H`` and ``W``
-  are dynamic. Normalisation (``MODEL.PIXEL_MEAN/STD``) and the padding to the backbone's size
-  divisibility (with its padding mask) happen inside the graph, exactly as ``ImageList`` does for a
-  batch of equally sized images.
-* outputs ``boxes`` ``[B, K, 4]`` (absolute xyxy in pixels of the input), ``scores`` ``[B, K]``,
-  ``labels`` ``[B, K]`` (int64): the PyTorch model's top-k post-processing
-  (``MODEL.SMCA_DETR.TEST_TOPK``), before ``detector_postprocess`` (rescaling to the original
-  image, clipping, dropping empty boxes), which :class:`OnnxPredictor` applies as the PyTorch
-  predictor does.
-
-The graph is recorded with the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``): it
-records shape arithmetic as graph operators, so height, width and batch stay dynamic, and it needs
-no ``onnxscript``. The fused CPU backbone steps aside while tracing (``tracing_or_compiling``) and
-Deformable DETR's attention is exported in its exact gather formulation (no custom operator).
 
 ``onnx`` and ``onnxruntime`` are optional dependencies (``pip install smca_detr[export]``), imported
 only when needed.
