@@ -19,7 +19,7 @@ from .heads import PredictionHeads
 from .registry import TRANSFORMER_REGISTRY
 from .transformers.common import DetrTransformerBase
 
-__all__ = ["SmcaDetrDetector", "build_transformer"]
+__all__ = ["SmcaDetrDetector", "build_transformer", "topk_detections"]
 
 
 def build_transformer(cfg, input_shapes):
@@ -160,20 +160,7 @@ class SmcaDetrDetector(nn.Module):
     @torch.no_grad()
     def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
         """Top-k detections per image, boxes in absolute xyxy of the network input."""
-        logits, boxes = logits.float(), boxes.float()
-        bs, nq, nc = logits.shape
-        if self.focal:
-            prob = logits.sigmoid().flatten(1)
-            k = min(self.test_topk, prob.shape[1])
-            scores, idx = prob.topk(k, dim=1)
-            query = torch.div(idx, nc, rounding_mode="floor")
-            labels = idx % nc
-        else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-            k = min(self.test_topk, nq)
-            scores, query = scores.topk(k, dim=1)
-            labels = labels.gather(1, query)
-        sel_boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        scores, labels, sel_boxes = topk_detections(logits, boxes, self.test_topk, self.focal)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             res = Instances((h, w))
@@ -184,6 +171,23 @@ class SmcaDetrDetector(nn.Module):
             results.append(res)
         return results
 
+
+
+def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, topk: int, focal: bool):
+    """``(scores, labels, cxcywh boxes)`` ``[B,K]`` of the top ``topk`` detections per image of
+    ``logits [B,Q,C]`` / ``boxes [B,Q,4]``: over all (query, class) pairs (focal), or of the queries'
+    best class without "no object" (softmax). Shared with the ONNX graph (``smca_detr.export``)."""
+    logits, boxes = logits.float(), boxes.float()
+    nq, nc = int(logits.shape[1]), int(logits.shape[2])
+    if focal:
+        scores, idx = logits.sigmoid().flatten(1).topk(min(topk, nq * nc), dim=1)
+        query = torch.div(idx, nc, rounding_mode="floor")
+        labels = idx % nc
+    else:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        scores, query = scores.topk(min(topk, nq), dim=1)
+        labels = labels.gather(1, query)
+    return scores, labels, boxes.gather(1, query[..., None].expand(-1, -1, 4))
 
 
 def _xyxy_scale(w, h, like: torch.Tensor) -> torch.Tensor:
