@@ -145,8 +145,8 @@ class SMCAConvMultiScaleTransformer(DetrTransformerBase):
         strides = [int(x.stride) for x in input_shapes]
         self.strides = strides + [2 * strides[-1]]
         self.num_levels = len(self.strides)
-        projs, (self.extra_proj,) = level_projections(input_shapes, d, self.num_levels)
-        self.input_proj = nn.ModuleList(projs)
+        projs, extra = level_projections(input_shapes, d, self.num_levels)
+        self.input_proj, self.extra_proj = nn.ModuleList(projs), extra[0]
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE)
         self.level_embed = nn.Parameter(torch.empty(self.num_levels, d))
         self.encoder = ConvMultiScaleEncoder(

@@ -118,8 +118,8 @@ class SMCAMultiScaleTransformer(DetrTransformerBase):
         self.ref_stride = int(input_shapes[-1].stride)
         self.num_levels = len(self.strides)
         self.scale_selection = bool(s.SCALE_SELECTION)
-        projs, (self.extra_proj,) = level_projections(input_shapes, d, self.num_levels)
-        self.input_proj = nn.ModuleList(projs)
+        projs, extra = level_projections(input_shapes, d, self.num_levels)
+        self.input_proj, self.extra_proj = nn.ModuleList(projs), extra[0]
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE)
         self.level_embed = nn.Parameter(torch.empty(self.num_levels, d))
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
