@@ -16,7 +16,7 @@ from ..position_encoding import PositionEmbeddingSine
 
 __all__ = ["DetrTransformerBase", "image_wh", "TransformerOutput", "TransformerEncoderLayer", "TransformerEncoder", "flatten_level",
            "SingleLevelInput", "build_single_level", "check_levels", "padding_mask_or_none", "level_projections",
-           "embed_levels", "flatten_levels"]
+           "embed_levels", "flatten_levels", "xavier_init"]
 
 
 def padding_mask_or_none(mask: torch.Tensor) -> Optional[torch.Tensor]:
@@ -196,6 +196,15 @@ def flatten_levels(srcs, masks, pos, level_embed: Optional[torch.Tensor] = None)
     embed = [None] * len(pos) if level_embed is None else level_embed.to(src.dtype)
     pos = torch.cat([flatten_level(p) if e is None else flatten_level(p) + e for p, e in zip(pos, embed)], 1)
     return src, torch.cat([m.flatten(1) for m in masks], 1), pos
+
+
+def xavier_init(module: nn.Module, skip=()):
+    """The official DETR-family init: Xavier-uniform on every matrix of ``module``, in parameter order,
+    except those of the modules in ``skip`` (input projections and queries keep their own init)."""
+    skip_ids = {id(p) for m in skip for p in m.parameters()}
+    for p in module.parameters():
+        if p.dim() > 1 and id(p) not in skip_ids:
+            nn.init.xavier_uniform_(p)
 
 
 def check_levels(name: str, features: List[torch.Tensor], expected: int):

@@ -36,7 +36,7 @@ from ...layers.tracing import shape_ints
 from ..blocks import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import DetrTransformerBase, TransformerOutput, build_single_level, padding_mask_or_none
+from .common import DetrTransformerBase, TransformerOutput, build_single_level, padding_mask_or_none, xavier_init
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -227,14 +227,7 @@ class ConditionalTransformer(DetrTransformerBase):
         build_single_level(self, cfg, input_shapes, "ConditionalTransformer")
         self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,
                                           c.ACTIVATION, c.POS_TEMPERATURE)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # Official: Xavier-uniform on every matrix of the encoder and decoder (incl. query_scale and
-        # ref_point_head); input_proj and query_embed keep PyTorch's default init.
-        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self, skip=(self.input, self.query_embed))  # incl. query_scale and ref_point_head
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
         src, pos, mask, grid_hw = self.input(features[0], masks[0])

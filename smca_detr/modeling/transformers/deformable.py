@@ -37,18 +37,11 @@ from ..blocks import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY
 from .common import (DetrTransformerBase, TransformerOutput, embed_levels, flatten_levels, level_projections,
-                     padding_mask_or_none)
+                     padding_mask_or_none, xavier_init)
 
-__all__ = [
-    "DeformableTransformer",
-    "DeformableTransformerEncoderLayer",
-    "DeformableTransformerDecoderLayer",
-    "DeformableTransformerEncoder",
-    "DeformableTransformerDecoder",
-    "valid_ratios",
-    "encoder_reference_points",
-    "encoder_output_proposals",
-]
+__all__ = ["DeformableTransformer", "DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer",
+           "DeformableTransformerEncoder", "DeformableTransformerDecoder", "valid_ratios", "encoder_reference_points",
+           "encoder_output_proposals"]
 
 _CFG = "MODEL.SMCA_DETR.DEFORMABLE"
 
@@ -305,12 +298,7 @@ class DeformableTransformer(DetrTransformerBase):
         deformable-attention init, Xavier + zero bias for ``reference_points``, N(0,1) level
         embeddings; ``input_proj`` convs Xavier with zero bias (GroupNorm 1/0); ``query_embed``
         keeps nn.Embedding's N(0,1)."""
-        skip = {id(p) for p in self.input_proj.parameters()}
-        if not self.two_stage:
-            skip.add(id(self.query_embed.weight))
-        for p in self.parameters():
-            if p.dim() > 1 and id(p) not in skip:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self, skip=(self.input_proj,) if self.two_stage else (self.input_proj, self.query_embed))
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()

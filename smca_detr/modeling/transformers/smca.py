@@ -43,7 +43,8 @@ from torch import nn
 from ...layers.tracing import shape_ints
 from ..blocks import MLP, at_least_float32
 from ..registry import TRANSFORMER_REGISTRY
-from .common import DetrTransformerBase, TransformerOutput, build_single_level, image_wh, padding_mask_or_none
+from .common import (DetrTransformerBase, TransformerOutput, build_single_level, image_wh, padding_mask_or_none,
+                     xavier_init)
 from .detr import TransformerDecoderLayer
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
@@ -340,13 +341,9 @@ class SMCADecoder(nn.Module):
 
 
 def reset_smca_parameters(module: nn.Module, skip=()):
-    """Official SMCA init: Xavier-uniform on every matrix of ``module`` (the transformer) except those
-    of ``skip`` (input projections and queries keep their own init), then ``point3`` of every decoder
-    layer weight 0 / bias 1 (all scales 1)."""
-    skip_ids = {id(p) for m in skip for p in m.parameters()}
-    for p in module.parameters():
-        if p.dim() > 1 and id(p) not in skip_ids:
-            nn.init.xavier_uniform_(p)
+    """Official SMCA init: ``xavier_init(module, skip)``, then ``point3`` of every decoder layer weight
+    0 / bias 1 (all scales 1)."""
+    xavier_init(module, skip)
     for layer in module.decoder.layers:
         if layer.point3 is not None:
             nn.init.zeros_(layer.point3.weight)
