@@ -49,20 +49,9 @@ import torch
 from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
                      objectness_head_keys, objectness_head_note, objectness_rows, remap_class_rows)
 
-__all__ = [
-    "OfficialFormat",
-    "OfficialCheckpointError",
-    "OFFICIAL_FORMATS",
-    "register_official_format",
-    "is_official_layout",
-    "detect_official_format",
-    "official_state_dict",
-    "convert_official_checkpoint",
-    "convert_if_official",
-    "load_official_checkpoint",
-    "COCO_NUM_CLASSES",
-    "is_coco_classes",
-]
+__all__ = ["OfficialFormat", "OfficialCheckpointError", "OFFICIAL_FORMATS", "register_official_format",
+           "is_official_layout", "detect_official_format", "official_state_dict", "convert_official_checkpoint",
+           "convert_if_official", "load_official_checkpoint", "COCO_NUM_CLASSES", "is_coco_classes"]
 
 logger = logging.getLogger(__name__)
 

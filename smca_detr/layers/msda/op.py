@@ -64,26 +64,11 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gather import (
-    build_gather_plan,
-    gather_forward,
-    ms_deform_attn_gather,
-    ms_deform_attn_gather_backward,
-)
+from .gather import (build_gather_plan, gather_forward, ms_deform_attn_gather, ms_deform_attn_gather_backward)
 from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
-__all__ = [
-    "ms_deform_attn",
-    "resolve_impl",
-    "triton_available",
-    "triton_unavailable_reason",
-    "auto_fallback_reason",
-    "MIN_CUDA_CAPABILITY",
-    "msda_flop_jit",
-    "add_msda_flop_handle",
-    "MSDA_OP_NAME",
-    "IMPLS",
-]
+__all__ = ["ms_deform_attn", "resolve_impl", "triton_available", "triton_unavailable_reason", "auto_fallback_reason",
+           "MIN_CUDA_CAPABILITY", "msda_flop_jit", "add_msda_flop_handle", "MSDA_OP_NAME", "IMPLS"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,14 +202,8 @@ def _resolve_impl_constant(impl: str, device: str) -> str:
 # custom ops
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op(MSDA_OP_NAME, mutates_args=())
-def _msda_op(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    use_triton: bool,
-) -> Tensor:
+def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+             attention_weights: Tensor, use_triton: bool) -> Tensor:
     if use_triton:
         from .triton_kernels import ms_deform_attn_triton_forward
 
@@ -249,15 +228,9 @@ def _msda_op_fake(value, spatial_shapes, level_start_index, sampling_locations, 
 
 
 @torch.library.custom_op("smca_detr::ms_deform_attn_backward", mutates_args=())
-def _msda_backward_op(
-    grad_output: Tensor,
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    use_triton: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _msda_backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                      sampling_locations: Tensor, attention_weights: Tensor,
+                      use_triton: bool) -> Tuple[Tensor, Tensor, Tensor]:
     args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if use_triton:
         from .triton_kernels import ms_deform_attn_triton_backward
@@ -308,14 +281,8 @@ _msda_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
-def ms_deform_attn(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    impl: str = "auto",
-) -> Tensor:
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor, impl: str = "auto") -> Tensor:
     """Multi-scale deformable attention core.
 
     Args:

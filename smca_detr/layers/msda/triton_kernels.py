@@ -67,13 +67,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = [
-    "ms_deform_attn_triton_forward",
-    "ms_deform_attn_triton_backward",
-    "interpreter_enabled",
-    "missing_triton_features",
-    "LAUNCH_COUNTS",
-]
+__all__ = ["ms_deform_attn_triton_forward", "ms_deform_attn_triton_backward", "interpreter_enabled",
+           "missing_triton_features", "LAUNCH_COUNTS"]
 
 #: Number of kernel launches per (kernel name, "interpret" | "compiled"); lets tests check that
 #: the Triton kernels really ran.
@@ -360,13 +355,8 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     return value.contiguous(), shapes, starts, loc, attn, (B, S, M, D, Q, L, P), idx64
 
 
-def ms_deform_attn_triton_forward(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def ms_deform_attn_triton_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                                  sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Triton MSDA forward; same contract as ``ms_deform_attn_pytorch``. Returns ``[B, Q, M*D]``
     in ``value.dtype``."""
     value, shapes, starts, loc, attn, dims, idx64 = _prepare(
@@ -388,14 +378,9 @@ def ms_deform_attn_triton_forward(
     return out
 
 
-def ms_deform_attn_triton_backward(
-    grad_output: Tensor,
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def ms_deform_attn_triton_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+                                   level_start_index: Tensor, sampling_locations: Tensor,
+                                   attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Triton MSDA backward: ``(grad_value, grad_sampling_locations, grad_attention_weights)``,
     each in the dtype of the matching input (grad_value accumulated in fp32/fp64)."""
     value, shapes, starts, loc, attn, dims, idx64 = _prepare(
