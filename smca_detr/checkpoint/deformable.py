@@ -30,7 +30,7 @@ import torch
 from .common import convert_backbone, remap_coco_classes, rename_official_backbone_key
 from .smca import split_official_checkpoint
 
-__all__ = ["convert_official_deformable_detr", "rename_official_deformable_key", "official_layout"]
+__all__ = ["convert_official_deformable_detr", "rename_official_deformable_key", "official_layout", "variant_name"]
 
 _HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _ALIAS = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
@@ -46,6 +46,12 @@ def official_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, bool]:
         "per_layer_heads": any(k.startswith("transformer.decoder.bbox_embed.") for k in state_dict),
         "two_stage": any(k.startswith("transformer.enc_output.") for k in state_dict),
     }
+
+
+def variant_name(state_dict: Dict[str, torch.Tensor]) -> str:
+    """"plain", "box refinement" or "two-stage" (:func:`official_layout`)."""
+    layout = official_layout(state_dict)
+    return "two-stage" if layout["two_stage"] else ("box refinement" if layout["per_layer_heads"] else "plain")
 
 
 def rename_official_deformable_key(key: str, per_layer_heads: bool) -> Optional[str]:

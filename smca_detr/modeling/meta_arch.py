@@ -70,14 +70,9 @@ class SmcaDetrDetector(nn.Module):
         backbone = DetrBackbone(cfg, c.IN_FEATURES)
         transformer = build_transformer(cfg, backbone.output_shapes)
         focal = c.CLASS_LOSS == "focal"
-        heads = PredictionHeads(
-            hidden_dim=c.HIDDEN_DIM,
-            num_logits=c.NUM_CLASSES if focal else c.NUM_CLASSES + 1,
-            num_sets=transformer.num_head_sets,
-            per_layer=transformer.per_layer_heads,
-            focal_prior=c.FOCAL_PRIOR if focal else None,
-            zero_init_box=transformer.zero_init_box,
-        )
+        heads = PredictionHeads(hidden_dim=c.HIDDEN_DIM, num_logits=c.NUM_CLASSES if focal else c.NUM_CLASSES + 1,
+                                num_sets=transformer.num_head_sets, per_layer=transformer.per_layer_heads,
+                                focal_prior=c.FOCAL_PRIOR if focal else None, zero_init_box=transformer.zero_init_box)
         return {
             "backbone": backbone,
             "transformer": transformer,

@@ -321,7 +321,9 @@ class SMCADecoder(nn.Module):
         """The SMCA transformers' tail: zero targets with the learned ``query_embed [Q,d]`` as query
         positions, the decoder, references (layer 0's logit for every layer). ``record_extras`` (a
         dict, or None when not recording): the caller's intermediates, returned in ``extras`` with
-        ``hs``, ``ref_logits``, ``memory_shapes``, ``memory_strides`` and every layer's ``dec.{l}.*``. ``extras["reference_points"]``
+        ``hs``, ``ref_logits``, ``memory_shapes``, ``memory_strides`` and every layer's ``dec.{l}.*``
+        (``offsets``, ``scale_raw``, ``gaussian [B,G,Q,S]``, ``centers`` (one segment),
+        ``scale_attention``, ``out``, ``cross_attn_out``, ``cross_attn_weights [B,M,Q,S]``). ``extras["reference_points"]``
         (sigmoid of the reference logit, ``[B,Q,2]``, normalised (x, y)) is always returned."""
         b = memory.shape[0]
         query_pos = query_embed[None].expand(b, -1, -1)
@@ -361,11 +363,8 @@ class SMCATransformer(DetrTransformerBase):
     HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}. One feature level (IN_FEATURES), any stride: the decoder
     memory is one ``MemorySegment`` with divisor = stride.
 
-    Set ``record_intermediates = True`` to get per-layer internals in ``TransformerOutput.extras``
-    (``hs``, ``src``, ``memory``, ``pos``, ``mask``, ``ref_logits``, ``ref_centers``, ``dec.{l}.offsets``,
-    ``dec.{l}.scale_raw``, ``dec.{l}.gaussian`` [B,G,Q,HW], ``dec.{l}.centers``, ``dec.{l}.out``,
-    ``dec.{l}.cross_attn_out``, ``dec.{l}.cross_attn_weights`` [B,M,Q,HW]); the cross-attention then
-    runs through the explicit-softmax path to expose its weights.
+    ``record_intermediates`` records ``SMCADecoder.decode``'s keys and ``src``, ``memory``, ``pos``,
+    ``mask``, ``ref_centers``; the cross-attention then runs the explicit softmax to expose its weights.
     """
 
     def __init__(self, cfg, input_shapes):

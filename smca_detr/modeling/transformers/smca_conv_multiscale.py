@@ -54,10 +54,6 @@ def _depthwise(d: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(d, d, kernel_size=5, stride=stride, padding=2, groups=d)
 
 
-def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
     """The official convolutional multi-scale encoder layer (see the module docstring).
 
@@ -91,7 +87,7 @@ class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
             if l < self.num_levels - 1:
                 x = x + F.interpolate(self.up_convs[l](a[l + 1]), size=src.shape[-2:], mode="bilinear",
                                       align_corners=True)
-            y = _channel_norm(self.norm1, src + self.dropout1(self.conv_2(x))).permute(0, 2, 3, 1)
+            y = self.norm1((src + self.dropout1(self.conv_2(x))).permute(0, 2, 3, 1))  # LayerNorm over channels
             y = self.norm2(y + self.dropout2(self.ffn(y)))
             outs.append(y.permute(0, 3, 1, 2))
         return outs
@@ -124,11 +120,8 @@ class SMCAConvMultiScaleTransformer(DetrTransformerBase):
     is post-norm (PRE_NORM must be False) and always uses scale selection (SMCA.SCALE_SELECTION is
     not read).
 
-    ``record_intermediates = True`` adds ``masks``, ``pos`` (no level embedding), ``src``,
-    ``encoder_out`` (per level, ``[B,d,H,W]``), ``memory``, ``memory_mask``, ``ref_logits`` and
-    ``dec.{l}.{offsets, scale_raw, scale_attention, gaussian [B,G,Q,S], out, cross_attn_out,
-    cross_attn_weights}`` to ``TransformerOutput.extras``.
-    """
+    ``record_intermediates``: ``SMCADecoder.decode``'s keys, ``masks``, ``pos`` (no level embedding),
+    ``src``, ``encoder_out`` (per level, ``[B,d,H,W]``), ``memory``, ``memory_mask``."""
 
     NUM_BACKBONE_LEVELS = 3
 

@@ -102,9 +102,8 @@ class SMCAMultiScaleTransformer(DetrTransformerBase):
     POS_TEMPERATURE}, MODEL.SMCA_DETR.SMCA.{ENCODER_LAYOUT, SCALE_SELECTION, DYNAMIC_SCALE,
     HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}.
 
-    ``record_intermediates = True`` adds ``masks``/``pos``/``src`` (per level), ``memory``,
-    ``memory_mask``, ``ref_logits`` and ``dec.{l}.*`` to ``TransformerOutput.extras``.
-    """
+    ``record_intermediates``: ``SMCADecoder.decode``'s keys, ``masks``/``pos``/``src`` (per level),
+    ``memory``, ``memory_mask``."""
 
     def __init__(self, cfg, input_shapes):
         super().__init__(cfg)
