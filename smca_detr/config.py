@@ -14,7 +14,19 @@ Only keys that exist in detectron2 v0.6 *and* main are assumed; everything else 
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_smca_detr_config"]
+__all__ = ["add_smca_detr_config", "config_from_args"]
+
+
+def config_from_args(args):
+    """The (unfrozen) config of command-line ``args`` (``default_argument_parser``): detectron2's
+    defaults + the smca_detr keys, ``--config-file``, trailing ``KEY VALUE`` opts."""
+    from detectron2.config import get_cfg
+
+    cfg = add_smca_detr_config(get_cfg())
+    if getattr(args, "config_file", ""):
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
+    return cfg
 
 
 def _set_default(node, key, value):

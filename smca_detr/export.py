@@ -1,27 +1,10 @@
-"""ONNX export of every smca_detr variant and an ONNX Runtime predictor.
+"""ONNX export of every smca_detr variant and an ONNX Runtime predictor (docs/EXPORT.md: the graph's
+input, outputs, operators and metadata, how it is recorded, what the predictors accept).
 
     from smca_detr.export import export_onnx, OnnxPredictor
     export_onnx(model, "model.onnx")                 # model: a built SmcaDetrDetector (eval mode)
     predictor = OnnxPredictor("model.onnx")          # config and class names travel in the file
     instances = predictor(image_rgb)                 # detectron2 Instances in pixels of the image
-
-The exported graph (opset :data:`OPSET`, standard ``ai.onnx`` operators only):
-
-* input ``images``: ``[B, 3, H, W]`` float32, raw pixel values 0..255 in the config's
-  ``INPUT.FORMAT`` channel order (the network input *after* the test resize); ``B``, ``H`` and ``W``
-  are dynamic. Normalisation (``MODEL.PIXEL_MEAN/STD``) and the padding to the backbone's size
-  divisibility (with its padding mask) happen inside the graph, exactly as ``ImageList`` does for a
-  batch of equally sized images.
-* outputs ``boxes`` ``[B, K, 4]`` (absolute xyxy in pixels of the input), ``scores`` ``[B, K]``,
-  ``labels`` ``[B, K]`` (int64): the PyTorch model's top-k post-processing
-  (``MODEL.SMCA_DETR.TEST_TOPK``), before ``detector_postprocess`` (rescaling to the original
-  image, clipping, dropping empty boxes), which :class:`OnnxPredictor` applies as the PyTorch
-  predictor does.
-
-The graph is recorded with the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``): it
-records shape arithmetic as graph operators, so height, width and batch stay dynamic, and it needs
-no ``onnxscript``. The fused CPU backbone steps aside while tracing (``tracing_or_compiling``) and
-Deformable DETR's attention is exported in its exact gather formulation (no custom operator).
 
 ``onnx`` and ``onnxruntime`` are optional dependencies (``pip install smca_detr[export]``), imported
 only when needed.
@@ -38,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling.backbone import image_padding_mask, resize_mask
+from .modeling.box_ops import box_cxcywh_to_xyxy
+from .modeling.meta_arch import topk_detections
+
 
 __all__ = ["OPSET", "ExportError", "OnnxDetector", "check_exportable", "export_onnx", "OnnxPredictor",
            "OnnxRuntimeModel", "instances_from_outputs", "prepare_image", "resize_image", "resized_shape"]
@@ -139,35 +124,12 @@ class OnnxDetector(nn.Module):
             x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])
         # [B,2] (h, w) tensor: graph values under tracing (the transformers accept a tensor)
         image_sizes = torch.stack([torch.as_tensor(h), torch.as_tensor(w)])[None].expand(x.shape[0], 2)
-        mask = image_padding_mask(image_sizes, x.shape[-2:], x.device)
-        feats = m.backbone.body(x)  # the plain backbone: the fused CPU path is not traceable
-        features = [feats[f] for f in m.backbone.in_features]
-        masks = [resize_mask(mask, f.shape[-2:]) for f in features]
+        features, masks = m.backbone(x, image_sizes)  # the fused CPU path steps aside while tracing
         out = m.forward_features(features, masks, image_sizes)
-        return _topk(m, out["pred_logits"][-1], out["pred_boxes"][-1], h, w)
-
-
-def _topk(m, logits, boxes, h, w):
-    """``SmcaDetrDetector.inference`` on a batch of one image size, as tensors."""
-    from .modeling.box_ops import box_cxcywh_to_xyxy
-
-    logits, boxes = logits.float(), boxes.float()
-    nq, nc = logits.shape[1], logits.shape[2]
-    if m.focal:
-        prob = logits.sigmoid().flatten(1)
-        k = min(m.test_topk, int(nq * nc))
-        scores, idx = prob.topk(k, dim=1)
-        query = torch.div(idx, nc, rounding_mode="floor")
-        labels = idx % nc
-    else:
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-        k = min(m.test_topk, int(nq))
-        scores, query = scores.topk(k, dim=1)
-        labels = labels.gather(1, query)
-    sel = boxes.gather(1, query[..., None].expand(-1, -1, 4))
-    scale = torch.stack([w, h, w, h]).to(sel.dtype) if isinstance(w, torch.Tensor) else \
-        torch.tensor([w, h, w, h], dtype=sel.dtype)
-    return box_cxcywh_to_xyxy(sel) * scale, scores, labels
+        scores, labels, boxes = topk_detections(out["pred_logits"][-1], out["pred_boxes"][-1], m.test_topk, m.focal)
+        scale = torch.stack([w, h, w, h]).to(boxes.dtype) if isinstance(w, torch.Tensor) else \
+            torch.tensor([w, h, w, h], dtype=boxes.dtype)
+        return box_cxcywh_to_xyxy(boxes) * scale, scores, labels
 
 
 # ----------------------------------------------------------------------------------- export
@@ -266,11 +228,10 @@ class OnnxPredictor:
         opts.log_severity_level = 3  # errors only (not the shape-inference notes on Identity nodes)
         if threads:  # no busy-waiting threads between runs (they would slow whatever runs next)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.intra_op_num_threads = int(threads)
         if profile:  # ONNX Runtime's per-operator profile, written by session.end_profiling()
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
-        if threads:
-            opts.intra_op_num_threads = int(threads)
         self.path = os.fspath(path)
         self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY, "{}"))

@@ -261,13 +261,14 @@ def _no_cpu_backbone(*args, **kwargs):
 
 @pytest.fixture
 def substitutes(monkeypatch):
-    from smca_detr.modeling import backbone, meta_arch
+    from smca_detr.layers.cpu import fused_resnet
+    from smca_detr.modeling import meta_arch
     from smca_detr.modeling.matcher import HungarianMatcher
 
     monkeypatch.setattr(HungarianMatcher, "solve", _fixed_assignment)
     monkeypatch.setattr(meta_arch, "detector_postprocess", lambda results, h, w: results)
-    monkeypatch.setattr(backbone, "fused_resnet_forward", _no_cpu_backbone)
-    monkeypatch.setattr(backbone, "fused_training_forward", _no_cpu_backbone)
+    monkeypatch.setattr(fused_resnet, "fused_resnet_forward", _no_cpu_backbone)
+    monkeypatch.setattr(fused_resnet, "fused_training_forward", _no_cpu_backbone)
 
 
 def to_fake_cuda(model, mode):

@@ -109,14 +109,13 @@ def test_fused_resnet_only_where_exact():
 def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
     """MODEL.SMCA_DETR.FUSED_CPU_BACKBONE is the one switch: on, eval-mode CPU inference takes the
     fused path with its default (measured) thresholds; off, detectron2's own forward runs."""
-    from smca_detr.modeling import backbone as backbone_mod
     from smca_detr.layers.cpu import fused_resnet as fused_mod
     from smca_detr.modeling.backbone import DetrBackbone
 
     cfg = _cfg(18, "FrozenBN", ["res4"], 8, name="build_slim_resnet_backbone")
     calls = []
-    real = backbone_mod.fused_resnet_forward
-    monkeypatch.setattr(backbone_mod, "fused_resnet_forward",
+    real = fused_mod.fused_resnet_forward
+    monkeypatch.setattr(fused_mod, "fused_resnet_forward",
                         lambda b, x, *a, **k: calls.append((a, k)) or real(b, x, *a, **k))
     for flag, expected in ((True, 1), (False, 0)):
         calls.clear()
@@ -125,7 +124,7 @@ def test_detector_uses_fused_path_and_flag_turns_it_off(monkeypatch):
         with torch.no_grad():
             feats, masks = bb(torch.randn(1, 3, 64, 64), [(64, 60)])
         assert len(calls) == expected and feats[0].shape[-2:] == masks[0].shape[-2:]
-    defaults = inspect.signature(fused_mod.fused_resnet_forward).parameters
+    defaults = inspect.signature(real).parameters
     assert defaults["winograd_min_channels"].default == fused_mod.WINOGRAD_MIN_CHANNELS == 128
     assert defaults["winograd_f4_min_pixels"].default == fused_mod.WINOGRAD_F4_MIN_PIXELS == 1024
     train = inspect.signature(fused_mod.fused_training_forward).parameters

@@ -57,7 +57,7 @@ def main(argv=None):
     setup_logger(name="smca_detr")
     setup_logger(name="fvcore")
     maps, picture = run(args)
-    print(f"{maps.family}: query {maps.query} (score {maps.score:.3f}, class {maps.label}), layer {maps.layer} "
+    print(f"{maps.transformer}: query {maps.query} (score {maps.score:.3f}, class {maps.label}), layer {maps.layer} "
           f"-> {args.output} ({picture.shape[1]}x{picture.shape[0]})")
     return 0
 

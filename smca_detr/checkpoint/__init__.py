@@ -6,17 +6,6 @@ from .common import (coco_official_columns, convert_backbone, convert_torchvisio
 from .matching import CheckpointMismatchError
 from .safe_load import UnsafeCheckpointError, safe_torch_load
 
-__all__ = [
-    "SmcaDetrCheckpointer",
-    "atomic_write",
-    "CheckpointMismatchError",
-    "safe_torch_load",
-    "UnsafeCheckpointError",
-    "rename_official_backbone_key",
-    "convert_backbone",
-    "coco_official_columns",
-    "remap_class_rows",
-    "objectness_head_keys",
-    "is_torchvision_resnet",
-    "convert_torchvision_resnet",
-]
+__all__ = ["SmcaDetrCheckpointer", "atomic_write", "CheckpointMismatchError", "safe_torch_load",
+           "UnsafeCheckpointError", "rename_official_backbone_key", "convert_backbone", "coco_official_columns",
+           "remap_class_rows", "objectness_head_keys", "is_torchvision_resnet", "convert_torchvision_resnet"]

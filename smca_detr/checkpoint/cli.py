@@ -56,29 +56,20 @@ def verify_with_config(state_dict, config: str, opts: Sequence[str] = (), keep_a
 
 
 # ------------------------------------------------------------------------------------ families
-def _deformable_variant(official: Mapping[str, torch.Tensor]) -> str:
-    from .deformable import official_layout
-
-    layout = official_layout(official)
-    return "two-stage" if layout["two_stage"] else ("box refinement" if layout["per_layer_heads"] else "plain")
-
-
 def _summary_tensors(args, official, converted, kind) -> str:
     return f"wrote {args.output}: {len(converted)} tensors, {num_class_logits(converted)} class logits"
 
 
 def _summary_deformable(args, official, converted, kind) -> str:
-    return f"{_summary_tensors(args, official, converted, kind)}, variant: {_deformable_variant(official)}"
+    from .deformable import variant_name
+
+    return f"{_summary_tensors(args, official, converted, kind)}, variant: {variant_name(official)}"
 
 
 def _summary_smca(args, official, converted, kind) -> str:
     n = sum(v.numel() for v in converted.values())
     return (f"{args.input}: {len(official)} official keys ({kind}) -> {args.output}: {len(converted)} keys, "
             f"{n:,} values{'' if args.keep_all_classes else ', class head 92 -> 80 COCO rows'}")
-
-
-def _smca_kinds() -> str:
-    return f"one of {sorted(SMCA_CONVERSION_RULES)} or a registered one"
 
 
 @dataclass(frozen=True)
@@ -98,8 +89,8 @@ FAMILIES: Dict[str, ConverterFamily] = {
     "smca": ConverterFamily(
         author="official SMCA-DETR (converted by smca_detr)",
         keep_all_classes_help="keep all 92 official class rows instead of the 80 COCO classes",
-        summary=_summary_smca, kinds=_smca_kinds, detect_kind=detect_smca_kind,
-        implied_config=official_args_summary),
+        summary=_summary_smca, detect_kind=detect_smca_kind, implied_config=official_args_summary,
+        kinds=lambda: f"one of {sorted(SMCA_CONVERSION_RULES)} or a registered one"),
     "conditional": ConverterFamily(
         author="smca_detr convert_conditional_detr",
         keep_all_classes_help="keep all official class logits instead of the 80 COCO classes",

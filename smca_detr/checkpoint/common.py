@@ -76,6 +76,19 @@ def remap_class_rows(state_dict: Dict[str, torch.Tensor], keys: Iterable[str],
             state_dict[k] = state_dict[k].index_select(0, rows).clone()
 
 
+def remap_coco_classes(state_dict: Dict[str, torch.Tensor], keys: Sequence[str]) -> None:
+    """``remap_class_rows`` to detectron2's 80 COCO classes; ValueError when the class head has too few
+    rows to be an official COCO head."""
+    columns = coco_official_columns()
+    rows = [state_dict[k].shape[0] for k in keys if k in state_dict]
+    if rows and max(rows) <= max(columns):
+        raise ValueError(
+            f"the class head has {max(rows)} rows, too few for the official COCO layout (the 91-row head of COCO "
+            "category ids, + 'no object' for SMCA); convert with keep_all_classes=True for other datasets and set "
+            "MODEL.SMCA_DETR.NUM_CLASSES accordingly")
+    remap_class_rows(state_dict, keys, columns)
+
+
 def apply_renames(state_dict: Dict[str, torch.Tensor], rules) -> "OrderedDict[str, torch.Tensor]":
     """Rename every non-backbone key with the first matching ``(regex, replacement)`` rule.
     Keys no rule matches raise, so a converter never drops weights silently."""

@@ -18,10 +18,10 @@ from typing import Mapping, Union
 
 import torch
 
-from .common import apply_renames, coco_official_columns, remap_class_rows
-from .safe_load import safe_torch_load
+from .common import apply_renames, remap_coco_classes
+from .smca import split_official_checkpoint
 
-__all__ = ["CONDITIONAL_RENAMES", "convert_official_conditional_detr", "load_official_conditional_detr"]
+__all__ = ["CONDITIONAL_RENAMES", "convert_official_conditional_detr"]
 
 CONDITIONAL_RENAMES = [
     (r"^input_proj\.", "transformer.input.input_proj."),
@@ -49,13 +49,6 @@ def _drop_unused_query_scale(sd: Mapping[str, torch.Tensor]) -> Mapping[str, tor
     return {k: v for k, v in sd.items() if k not in unused}
 
 
-def _model_state_dict(obj: Mapping) -> Mapping[str, torch.Tensor]:
-    """A full official checkpoint (``{"model", "optimizer", "args", ...}``) or a bare state dict."""
-    if "model" in obj and isinstance(obj["model"], Mapping):
-        return obj["model"]
-    return obj
-
-
 def convert_official_conditional_detr(state_dict: Union[Mapping, str, os.PathLike],
                                       keep_all_classes: bool = False) -> "dict[str, torch.Tensor]":
     """Official Conditional DETR state dict (or full checkpoint dict, or a path to one) -> a state
@@ -65,22 +58,8 @@ def convert_official_conditional_detr(state_dict: Union[Mapping, str, os.PathLik
     one-layer decoder, which the official model never uses (logged). With ``keep_all_classes=False`` the class
     head is reduced to the 80 COCO classes (needs the official 91-logit head).
     """
-    if isinstance(state_dict, (str, os.PathLike)):
-        state_dict = safe_torch_load(state_dict)
-    sd = _model_state_dict(state_dict)
+    sd, _ = split_official_checkpoint(state_dict)
     out = apply_renames(_drop_unused_query_scale(sd), CONDITIONAL_RENAMES)
     if not keep_all_classes:
-        columns = coco_official_columns()
-        n = out["heads.class_embed.weight"].shape[0] if "heads.class_embed.weight" in out else None
-        if n is not None and n <= max(columns):
-            raise ValueError(
-                f"class head has {n} rows; remapping to the 80 COCO classes needs the official "
-                f"91-row head (use keep_all_classes=True for other datasets)")
-        remap_class_rows(out, CLASS_KEYS, columns)
+        remap_coco_classes(out, CLASS_KEYS)
     return out
-
-
-def load_official_conditional_detr(model: torch.nn.Module, path: Union[str, os.PathLike],
-                                   keep_all_classes: bool = False, strict: bool = True):
-    """Convert the official checkpoint at ``path`` and load it into ``model``."""
-    return model.load_state_dict(convert_official_conditional_detr(path, keep_all_classes), strict=strict)

@@ -27,9 +27,10 @@ from typing import Dict, Optional
 
 import torch
 
-from .common import coco_official_columns, convert_backbone, remap_class_rows, rename_official_backbone_key
+from .common import convert_backbone, remap_coco_classes, rename_official_backbone_key
+from .smca import split_official_checkpoint
 
-__all__ = ["convert_official_deformable_detr", "rename_official_deformable_key", "official_layout"]
+__all__ = ["convert_official_deformable_detr", "rename_official_deformable_key", "official_layout", "variant_name"]
 
 _HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 _ALIAS = re.compile(r"^transformer\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(.*)$")
@@ -45,6 +46,12 @@ def official_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, bool]:
         "per_layer_heads": any(k.startswith("transformer.decoder.bbox_embed.") for k in state_dict),
         "two_stage": any(k.startswith("transformer.enc_output.") for k in state_dict),
     }
+
+
+def variant_name(state_dict: Dict[str, torch.Tensor]) -> str:
+    """"plain", "box refinement" or "two-stage" (:func:`official_layout`)."""
+    layout = official_layout(state_dict)
+    return "two-stage" if layout["two_stage"] else ("box refinement" if layout["per_layer_heads"] else "plain")
 
 
 def rename_official_deformable_key(key: str, per_layer_heads: bool) -> Optional[str]:
@@ -72,8 +79,7 @@ def convert_official_deformable_detr(state_dict: Dict[str, torch.Tensor], keep_a
     backbone) -> smca_detr state dict. Raises ``KeyError`` for a key no rule covers and
     ``ValueError`` when keys that are one parameter in the official model (aliases, or the repeated
     heads without box refinement) hold different values."""
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    state_dict, _ = split_official_checkpoint(state_dict)
     per_layer = official_layout(state_dict)["per_layer_heads"]
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     source: Dict[str, str] = {}
@@ -93,12 +99,5 @@ def convert_official_deformable_detr(state_dict: Dict[str, torch.Tensor], keep_a
         source[new] = key
     out.update(convert_backbone(state_dict))
     if not keep_all_classes:
-        cols = coco_official_columns()
-        keys = [k for k in out if k.startswith("heads.class_embed.")]
-        n = {out[k].shape[0] for k in keys}
-        if n and max(n) <= max(cols):
-            raise ValueError(
-                f"class head has {max(n)} rows, too few for the COCO category ids (max {max(cols)}); "
-                "use keep_all_classes=True for a checkpoint that is not an official COCO model")
-        remap_class_rows(out, keys, cols)
+        remap_coco_classes(out, [k for k in out if k.startswith("heads.class_embed.")])
     return out

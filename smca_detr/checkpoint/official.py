@@ -1,40 +1,14 @@
 """Recognise official SMCA-DETR / Conditional DETR / Deformable DETR checkpoints by their keys and
-convert them to our layout when they are loaded (``MODEL.WEIGHTS``).
+convert them to our layout when they are loaded (``MODEL.WEIGHTS``); docs/MODEL_ZOO.md has the table
+of formats, their marker keys and converters, and what happens to the class head.
 
-An *official* checkpoint is what the official training scripts save: ``{"model": state_dict,
-"optimizer", "lr_scheduler", "epoch", "args"}`` (or a bare state dict) whose heads live at the top of
-the module (``class_embed.*``, ``query_embed.*``) and whose backbone is torchvision's
-(``backbone.0.body.*``). Our own checkpoints keep their heads under ``heads.*`` and are never
-touched. The family is told by a key only that family has:
-
-==================  ==================================================  ===========================
-format              marker                                              converter
-==================  ==================================================  ===========================
-``smca``            ``transformer.decoder.layers.<i>.point2.*``         ``convert_official_smca``
-                    (single scale, or the conv multi-scale model, told   (kind auto-detected)
-                    apart by ``detect_smca_kind``)
-``conditional_detr`` ``...ca_qpos_sine_proj.*``                          ``convert_official_conditional_detr``
-``deformable_detr`` ``...sampling_offsets.*``                           ``convert_official_deformable_detr``
-==================  ==================================================  ===========================
-
-More formats can be added with :func:`register_official_format`.
-
-Class head (the official heads have one row per COCO category id, 91 or 92):
-
-* the model is a COCO model (its head has as many rows as the 80 COCO classes need, and the dataset
-  classes, when known, are COCO's): the rows are remapped to detectron2's contiguous COCO order;
-* the checkpoint has exactly the model's row count: loaded unchanged;
-* anything else (fine-tuning on another dataset): the class head is **not** loaded, the model keeps
-  its initialisation, and ONE warning says so.
-
-The encoder class head of two-stage Deformable DETR is no class head: it is trained
-class-agnostically and its row 0 is the objectness score that selects the proposals. It is never
-remapped: it keeps its first rows (row 0 stays row 0) whether the class heads are remapped or
-skipped, so a converted model chooses the official proposals (``common.objectness_head_keys``).
-
-A ResNet checkpoint as torchvision publishes it (``resnet50-*.pth`` / ``resnet101-*.pth``: the
-ImageNet backbone of the training recipes) is converted too: to ``backbone.body.*`` (fc dropped).
-
+An *official* checkpoint (``{"model": state_dict, "args", ...}`` or a bare state dict) has its heads
+at the top of the module (``class_embed.*``) and a torchvision backbone (``backbone.0.body.*``); ours
+(``heads.*``) are never touched. :data:`OFFICIAL_FORMATS` tells the families apart (more with
+:func:`register_official_format`). The class head is remapped to the 80 COCO classes for a COCO
+model, loaded unchanged for the same row count, else not loaded (ONE warning); the two-stage encoder
+head (objectness in row 0) keeps its first rows (``common.objectness_head_keys``). A torchvision
+ResNet checkpoint (the ImageNet backbone of the recipes) is converted to ``backbone.body.*``.
 Everything else is strict: a converted key the model lacks, a model key the checkpoint lacks or a
 shape mismatch raises ``OfficialCheckpointError`` (the official model and the config disagree).
 """
@@ -49,20 +23,9 @@ import torch
 from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
                      objectness_head_keys, objectness_head_note, objectness_rows, remap_class_rows)
 
-__all__ = [
-    "OfficialFormat",
-    "OfficialCheckpointError",
-    "OFFICIAL_FORMATS",
-    "register_official_format",
-    "is_official_layout",
-    "detect_official_format",
-    "official_state_dict",
-    "convert_official_checkpoint",
-    "convert_if_official",
-    "load_official_checkpoint",
-    "COCO_NUM_CLASSES",
-    "is_coco_classes",
-]
+__all__ = ["OfficialFormat", "OfficialCheckpointError", "OFFICIAL_FORMATS", "register_official_format",
+           "is_official_layout", "detect_official_format", "official_state_dict", "convert_official_checkpoint",
+           "convert_if_official", "load_official_checkpoint", "COCO_NUM_CLASSES", "is_coco_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +82,9 @@ def _detect_deformable(sd) -> bool:
 
 
 def _convert_deformable(sd):
-    from .deformable import convert_official_deformable_detr, official_layout
+    from .deformable import convert_official_deformable_detr, variant_name
 
-    layout = official_layout(sd)
-    detail = "two-stage" if layout["two_stage"] else ("box refinement" if layout["per_layer_heads"] else "plain")
-    return convert_official_deformable_detr(sd, keep_all_classes=True), detail
+    return convert_official_deformable_detr(sd, keep_all_classes=True), variant_name(sd)
 
 
 # Checked in order; the first format whose ``detect`` accepts the state dict converts it.

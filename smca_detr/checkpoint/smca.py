@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .common import apply_renames, coco_official_columns, remap_class_rows
+from .common import apply_renames, remap_coco_classes
 from .safe_load import safe_torch_load
 
 __all__ = ["SMCA_CONVERSION_RULES", "SMCA_KIND_DETECTORS", "SMCA_CLASS_KEYS", "register_smca_kind",
@@ -120,13 +120,7 @@ def convert_official_smca(state_dict: Union[Dict, str, os.PathLike], keep_all_cl
         raise KeyError(f"unknown SMCA checkpoint kind {kind!r}; known: {sorted(SMCA_CONVERSION_RULES)}")
     out = apply_renames(sd, SMCA_CONVERSION_RULES[kind])
     if not keep_all_classes:
-        columns = coco_official_columns()
-        rows = out[SMCA_CLASS_KEYS[1]].shape[0] if SMCA_CLASS_KEYS[1] in out else None
-        if rows is not None and rows <= max(columns):
-            raise ValueError(
-                f"the class head has {rows} rows, not the official COCO layout (92); convert with "
-                "keep_all_classes=True and set MODEL.SMCA_DETR.NUM_CLASSES accordingly")
-        remap_class_rows(out, SMCA_CLASS_KEYS, columns)
+        remap_coco_classes(out, SMCA_CLASS_KEYS)
     return out
 
 

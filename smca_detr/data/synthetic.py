@@ -35,20 +35,8 @@ from PIL import Image, ImageDraw
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
-__all__ = [
-    "CATEGORIES",
-    "GENERATOR_VERSION",
-    "SPLITS",
-    "SplitSpec",
-    "ensure_synthetic",
-    "generate_split",
-    "get_root",
-    "load_synthetic",
-    "register_synthetic_datasets",
-    "render_image",
-    "set_root",
-    "split_paths",
-]
+__all__ = ["CATEGORIES", "GENERATOR_VERSION", "SPLITS", "SplitSpec", "ensure_synthetic", "generate_split", "get_root",
+           "load_synthetic", "register_synthetic_datasets", "render_image", "set_root", "split_paths"]
 
 logger = logging.getLogger(__name__)
 

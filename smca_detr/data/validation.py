@@ -29,14 +29,8 @@ from typing import Iterable, List, Optional, Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-__all__ = [
-    "DatasetNotRegisteredError",
-    "InvalidDatasetError",
-    "build_train_dataset_dicts",
-    "check_dataset_names",
-    "get_validated_dataset_dicts",
-    "validate_dataset_dicts",
-]
+__all__ = ["DatasetNotRegisteredError", "InvalidDatasetError", "build_train_dataset_dicts", "check_dataset_names",
+           "get_validated_dataset_dicts", "validate_dataset_dicts"]
 
 logger = logging.getLogger(__name__)
 

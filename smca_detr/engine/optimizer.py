@@ -28,14 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-__all__ = [
-    "build_optimizer",
-    "get_param_groups",
-    "lr_multiplier_of",
-    "add_full_model_gradient_clipping",
-    "unscale_before_step",
-    "OPTIMIZERS",
-]
+__all__ = ["build_optimizer", "get_param_groups", "lr_multiplier_of", "add_full_model_gradient_clipping",
+           "unscale_before_step", "OPTIMIZERS"]
 
 logger = logging.getLogger(__name__)
 

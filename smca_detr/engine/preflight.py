@@ -78,16 +78,9 @@ def problems(cfg, eval_only: bool = False) -> List[str]:
 def check_or_exit(args) -> None:
     """``problems`` of the config named by ``args`` (``default_argument_parser``); print each as one
     line on stderr and exit with status 2 when there are any."""
-    from detectron2.config import get_cfg
+    from ..config import config_from_args
 
-    from ..config import add_smca_detr_config
-
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
-    if getattr(args, "config_file", ""):
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
-    found = problems(cfg, eval_only=bool(getattr(args, "eval_only", False)))
+    found = problems(config_from_args(args), eval_only=bool(getattr(args, "eval_only", False)))
     if found:
         for message in found:
             print(f"train_net.py: {message}", file=sys.stderr)

@@ -1,27 +1,9 @@
-"""Benchmark summary of an ``--eval-only`` run: speed, memory, size and compute of the model.
-
-After detectron2's AP table, ``train_net.py --eval-only`` calls :func:`write_benchmark_report`, which
-runs the model once more on a few images of the first test dataset and writes one summary (logged
-as a table and saved as ``<OUTPUT_DIR>/inference/benchmark_report.json``):
-
-* ``ms_per_image`` / ``images_per_s``: pure model time (``model(inputs)`` only, batch 1, after
-  ``num_warmup`` warm-up images, data loaded beforehand; ``torch.cuda.synchronize`` around each
-  image on GPU). ``ms_per_image`` is the mean, ``ms_per_image_median`` the median.
-* ``peak_memory_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the timed images (weights
-  included, PyTorch allocator); on CPU the peak growth of the process's resident set size (RSS,
-  sampled from ``/proc/self/statm`` every millisecond by a helper thread) over its value before the
-  timed images (after returning freed heap memory to the OS with glibc's ``malloc_trim``), i.e. the
-  activations' footprint (tracemalloc does not see PyTorch's allocations).
-  ``memory_method`` says which one was measured.
-* ``params``: number of parameters (all, trainable or not).
-* ``gflops``: fvcore ``FlopCountAnalysis`` of one test input (the first image; fvcore counts one
-  multiply-add as one flop, as the DETR papers do), with ``add_msda_flop_handle`` so that Deformable
-  DETR's multi-scale deformable attention is counted and a handle for
-  ``F.scaled_dot_product_attention`` (``q k^T`` + ``attn v``, which fvcore does not know);
-  ``gflops_by_operator`` splits it up (``ms_deform_attn`` is the deformable attention,
-  ``scaled_dot_product_attention`` the dense attention). Ops fvcore has no handle for are listed in
-  ``uncounted_ops`` (element-wise ops, softmax, ...: small).
-
+"""Benchmark summary of an ``--eval-only`` run (docs/MODEL_ZOO.md lists the fields): after
+detectron2's AP table, ``train_net.py --eval-only`` calls :func:`write_benchmark_report`, which runs
+the model once more on a few images of the first test dataset, logs a table and saves
+``<OUTPUT_DIR>/inference/benchmark_report.json``: pure model time (batch 1, after warm-up, data
+loaded beforehand), peak memory (:class:`PeakMemory`), parameters and fvcore GFLOPs with handles for
+the deformable attention and SDPA (:func:`count_flops`; one multiply-add = one flop, as the papers).
 Image counts: ``SMCA_DETR_REPORT_IMAGES`` / ``SMCA_DETR_REPORT_WARMUP`` (environment) or the
 arguments; defaults 50 / 5 on GPU, 10 / 2 on CPU.
 """

@@ -29,7 +29,6 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
@@ -41,19 +40,12 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SmcaDetrCheckpointer
-from ..config import add_smca_detr_config
+from ..config import config_from_args
 from ..data.train_loader import ITERATION_DOMAIN, build_positioned_train_loader, derive_seed, seed_all
 from .optimizer import build_optimizer as _build_optimizer
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children
 
-__all__ = [
-    "Trainer",
-    "TrainLoop",
-    "amp_dtype",
-    "has_fast_coco_eval",
-    "launch",
-    "setup",
-]
+__all__ = ["Trainer", "TrainLoop", "amp_dtype", "has_fast_coco_eval", "launch", "setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -380,11 +372,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     """Config from the command line (``default_argument_parser`` args): detectron2 defaults + the
     smca_detr keys, ``--config-file``, trailing ``KEY VALUE`` opts; frozen; ``default_setup``."""
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
-    if getattr(args, "config_file", ""):
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
+    cfg = config_from_args(args)
     cfg.freeze()
     if cfg.DATASETS.SYNTHETIC.ROOT:
         from ..data import synthetic

@@ -104,18 +104,12 @@ def is_imagenet_backbone(weights: str) -> bool:
 
 def dataset_metadata(cfg):
     """detectron2 Metadata of the first test dataset (else the first training dataset), or None."""
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        if name in MetadataCatalog.list() or _is_registered(name):
+        if name in MetadataCatalog.list() or name in DatasetCatalog.list():
             return MetadataCatalog.get(name)
     return None
-
-
-def _is_registered(name: str) -> bool:
-    from detectron2.data import DatasetCatalog
-
-    return name in DatasetCatalog.list()
 
 
 def dataset_thing_classes(cfg) -> Optional[List[str]]:

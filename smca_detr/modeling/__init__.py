@@ -6,12 +6,5 @@ from .matcher import HungarianMatcher
 from .meta_arch import SmcaDetrDetector, build_transformer
 from .registry import CRITERION_REGISTRY, TRANSFORMER_REGISTRY
 
-__all__ = [
-    "SmcaDetrDetector",
-    "SetCriterion",
-    "HungarianMatcher",
-    "build_criterion",
-    "build_transformer",
-    "CRITERION_REGISTRY",
-    "TRANSFORMER_REGISTRY",
-]
+__all__ = ["SmcaDetrDetector", "SetCriterion", "HungarianMatcher", "build_criterion", "build_transformer",
+           "CRITERION_REGISTRY", "TRANSFORMER_REGISTRY"]

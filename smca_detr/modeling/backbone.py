@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_backbone
 from torch import nn
 
-from ..layers.cpu.fused_resnet import fused_resnet_forward, fused_resnet_supported, fused_training_forward
+from ..layers.cpu.fused_resnet import FusedCpuForward
 
 __all__ = ["DetrBackbone", "image_padding_mask", "resize_mask"]
 
@@ -43,8 +43,7 @@ class DetrBackbone(nn.Module):
     def __init__(self, cfg, in_features: List[str]):
         super().__init__()
         self.body = build_backbone(cfg)
-        # CPU execution strategy (fused_resnet.py); checked per call, falls back when not exact
-        self.fused_cpu = bool(cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE)
+        self.run_body = FusedCpuForward(cfg.MODEL.SMCA_DETR.FUSED_CPU_BACKBONE)  # CPU execution strategy
         shapes = self.body.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if missing:
@@ -61,14 +60,7 @@ class DetrBackbone(nn.Module):
             getattr(self.body, "size_divisibility", 0) or 0, max(s.stride for s in self.output_shapes))
 
     def forward(self, images: torch.Tensor, image_sizes) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        feats = None
-        if self.fused_cpu and images.device.type == "cpu":  # CPU-only kernels: never on an accelerator
-            if fused_resnet_supported(self.body, images)[0]:
-                feats = fused_resnet_forward(self.body, images)
-            else:  # training: fused frozen stages, Winograd 3x3 convolutions in the trainable ones
-                feats = fused_training_forward(self.body, images)
-        if feats is None:
-            feats = self.body(images)
+        feats = self.run_body(self.body, images)
         mask = image_padding_mask(image_sizes, images.shape[-2:], images.device)
         features = [feats[f] for f in self.in_features]
         return features, [resize_mask(mask, f.shape[-2:]) for f in features]

@@ -1,13 +1,7 @@
 """Box utilities shared by every variant: format conversion, (generalized) IoU."""
 import torch
 
-__all__ = [
-    "box_cxcywh_to_xyxy",
-    "box_xyxy_to_cxcywh",
-    "box_area",
-    "box_iou",
-    "generalized_box_iou",
-]
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "box_area", "box_iou", "generalized_box_iou"]
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

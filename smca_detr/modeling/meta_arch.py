@@ -17,8 +17,9 @@ from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import build_criterion
 from .heads import PredictionHeads
 from .registry import TRANSFORMER_REGISTRY
+from .transformers.common import DetrTransformerBase
 
-__all__ = ["SmcaDetrDetector", "build_transformer"]
+__all__ = ["SmcaDetrDetector", "build_transformer", "topk_detections"]
 
 
 def build_transformer(cfg, input_shapes):
@@ -33,12 +34,12 @@ def build_transformer(cfg, input_shapes):
 @META_ARCH_REGISTRY.register()
 class SmcaDetrDetector(nn.Module):
     @configurable
-    def __init__(self, *, backbone: DetrBackbone, transformer: nn.Module, heads: PredictionHeads,
+    def __init__(self, *, backbone: DetrBackbone, transformer: DetrTransformerBase, heads: PredictionHeads,
                  criterion: nn.Module, focal: bool, test_topk: int, pixel_mean, pixel_std):
         """
         Args:
             backbone: adapter returning feature levels and their padding masks.
-            transformer: a TRANSFORMER_REGISTRY module returning ``TransformerOutput``.
+            transformer: a TRANSFORMER_REGISTRY module (the contract: ``DetrTransformerBase``).
             heads: class / box heads.
             criterion: a CRITERION_REGISTRY module (matcher + losses).
             focal: sigmoid scores (focal-loss variants) instead of softmax with "no object".
@@ -54,9 +55,7 @@ class SmcaDetrDetector(nn.Module):
         self.test_topk = test_topk
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
-        init_heads = getattr(transformer, "init_heads", None)
-        if init_heads is not None:
-            init_heads(heads)
+        transformer.init_heads(heads)
 
     @classmethod
     def from_config(cls, cfg):
@@ -71,15 +70,9 @@ class SmcaDetrDetector(nn.Module):
         backbone = DetrBackbone(cfg, c.IN_FEATURES)
         transformer = build_transformer(cfg, backbone.output_shapes)
         focal = c.CLASS_LOSS == "focal"
-        num_sets = getattr(transformer, "num_head_sets", c.DEC_LAYERS)
-        heads = PredictionHeads(
-            hidden_dim=c.HIDDEN_DIM,
-            num_logits=c.NUM_CLASSES if focal else c.NUM_CLASSES + 1,
-            num_sets=num_sets,
-            per_layer=getattr(transformer, "per_layer_heads", False),
-            focal_prior=c.FOCAL_PRIOR if focal else None,
-            zero_init_box=getattr(transformer, "zero_init_box", False),
-        )
+        heads = PredictionHeads(hidden_dim=c.HIDDEN_DIM, num_logits=c.NUM_CLASSES if focal else c.NUM_CLASSES + 1,
+                                num_sets=transformer.num_head_sets, per_layer=transformer.per_layer_heads,
+                                focal_prior=c.FOCAL_PRIOR if focal else None, zero_init_box=transformer.zero_init_box)
         return {
             "backbone": backbone,
             "transformer": transformer,
@@ -162,20 +155,7 @@ class SmcaDetrDetector(nn.Module):
     @torch.no_grad()
     def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
         """Top-k detections per image, boxes in absolute xyxy of the network input."""
-        logits, boxes = logits.float(), boxes.float()
-        bs, nq, nc = logits.shape
-        if self.focal:
-            prob = logits.sigmoid().flatten(1)
-            k = min(self.test_topk, prob.shape[1])
-            scores, idx = prob.topk(k, dim=1)
-            query = torch.div(idx, nc, rounding_mode="floor")
-            labels = idx % nc
-        else:
-            scores, labels = logits.softmax(-1)[..., :-1].max(-1)
-            k = min(self.test_topk, nq)
-            scores, query = scores.topk(k, dim=1)
-            labels = labels.gather(1, query)
-        sel_boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        scores, labels, sel_boxes = topk_detections(logits, boxes, self.test_topk, self.focal)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             res = Instances((h, w))
@@ -186,6 +166,23 @@ class SmcaDetrDetector(nn.Module):
             results.append(res)
         return results
 
+
+
+def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, topk: int, focal: bool):
+    """``(scores, labels, cxcywh boxes)`` ``[B,K]`` of the top ``topk`` detections per image of
+    ``logits [B,Q,C]`` / ``boxes [B,Q,4]``: over all (query, class) pairs (focal), or of the queries'
+    best class without "no object" (softmax). Shared with the ONNX graph (``smca_detr.export``)."""
+    logits, boxes = logits.float(), boxes.float()
+    nq, nc = int(logits.shape[1]), int(logits.shape[2])
+    if focal:
+        scores, idx = logits.sigmoid().flatten(1).topk(min(topk, nq * nc), dim=1)
+        query = torch.div(idx, nc, rounding_mode="floor")
+        labels = idx % nc
+    else:
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        scores, query = scores.topk(min(topk, nq), dim=1)
+        labels = labels.gather(1, query)
+    return scores, labels, boxes.gather(1, query[..., None].expand(-1, -1, 4))
 
 
 def _xyxy_scale(w, h, like: torch.Tensor) -> torch.Tensor:

@@ -3,26 +3,23 @@
 Detections: :func:`draw_instances` (detectron2 ``Visualizer`` with the dataset's class names).
 
 Attention (:func:`attention_maps`, then :func:`render_attention`), for one object query of one
-decoder layer, as the papers show it, overlaid on the image with the query's predicted box:
+decoder layer, as the papers show it, overlaid on the image with the query's predicted box, drawn
+from what the transformer records (``record_intermediates``; the agreed keys of
+``DetrTransformerBase``), whatever the transformer:
 
-* SMCA-DETR (single scale and both multi-scale transformers): per head, the Gaussian spatial prior
-  ``exp(log-Gaussian)`` and the modulated co-attention (the softmax weights after the Gaussian was
-  added), read from the transformer's ``record_intermediates`` extras. Multi-scale: each memory
-  segment is resized to the image; priors are combined by maximum, attention weights by sum.
-* Conditional DETR: per head, the spatial attention ``softmax(p_q·p_k)``, the content attention
-  ``softmax(c_q·c_k)`` and the combined attention ``softmax(c_q·c_k + p_q·p_k)`` (the one the model
-  uses), from the concatenated queries / keys the cross-attention receives (a forward pre-hook; the
-  model's forward is unchanged).
-* Deformable DETR: the sampling points of every head, coloured (and sized) by their attention
-  weight, one panel per feature level plus one with all levels, and the reference point
-  (``MSDeformAttn`` sampling record through the transformer's ``record_sampling``).
+* ``dec.{l}.gaussian`` (SMCA-DETR): per head, the spatial prior ``exp(log-Gaussian)`` and the
+  modulated co-attention; memory segments are resized to the image, priors combined by maximum,
+  attention weights by sum;
+* ``dec.{l}.spatial_logits`` / ``content_logits`` (Conditional DETR): per head, the spatial, content
+  and combined (the model's) attention;
+* ``dec.{l}.sampling_locations`` (Deformable DETR): the sampling points of every head, coloured (and
+  sized) by their weight, one panel per level plus one with all levels, and the reference point.
 
-The first column of the SMCA / Conditional grids is the mean over heads. Pictures are drawn with
+The first column of the heat-map grids is the mean over heads. Pictures are drawn with
 matplotlib's Agg canvas (no pyplot, no display needed); every panel is ``panel_width`` pixels wide
 and keeps the image's aspect ratio, so a grid of ``R x C`` panels is exactly
 ``(C * panel_width, R * panel_height)`` pixels (:func:`grid_size`).
 """
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -31,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["draw_instances", "draw_boxes", "Panel", "AttentionMaps", "forward_with_internals", "select_query",
-           "attention_maps", "render_attention", "grid_size", "panel_size", "transformer_family"]
+           "attention_maps", "render_attention", "grid_size", "panel_size"]
 
 
 # --------------------------------------------------------------------------------------- detections
@@ -117,8 +114,6 @@ def draw_boxes(image_rgb: np.ndarray, instances, class_names: Optional[Sequence[
 class ForwardResult:
     outputs: Dict                # forward_features output: pred_logits/pred_boxes [L,B,Q,.], extras
     input_hw: Tuple[int, int]    # unpadded network input size
-    padded_hw: Tuple[int, int]   # padded batch size (ImageList)
-    feature_hw: List[Tuple[int, int]]  # backbone levels fed to the transformer
 
 
 @torch.no_grad()
@@ -127,22 +122,14 @@ def forward_with_internals(model, inputs: Dict) -> ForwardResult:
     (so the per-query outputs and the transformer's extras are available)."""
     images = model.preprocess_image([inputs])
     features, masks = model.backbone(images.tensor, images.image_sizes)
-    outputs = model.forward_features(features, masks, images.image_sizes)
-    return ForwardResult(outputs, tuple(images.image_sizes[0]), tuple(images.tensor.shape[-2:]),
-                         [tuple(f.shape[-2:]) for f in features])
-
-
-def _query_scores(model, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Best score and class of every query (``logits [Q, C]``)."""
-    logits = logits.float()
-    if getattr(model, "focal", True):
-        return logits.sigmoid().max(-1)
-    return logits.softmax(-1)[..., :-1].max(-1)
+    return ForwardResult(model.forward_features(features, masks, images.image_sizes), tuple(images.image_sizes[0]))
 
 
 def select_query(model, outputs: Dict, query: Union[int, str] = "auto", layer: int = -1) -> Tuple[int, float, int]:
     """``(query index, score, class)``: ``"auto"`` = the highest-scoring query of ``layer``."""
-    scores, labels = _query_scores(model, outputs["pred_logits"][layer][0])
+    logits = outputs["pred_logits"][layer][0].float()
+    probs = logits.sigmoid() if getattr(model, "focal", True) else logits.softmax(-1)[..., :-1]
+    scores, labels = probs.max(-1)
     if query == "auto":
         q = int(scores.argmax())
     else:
@@ -150,18 +137,6 @@ def select_query(model, outputs: Dict, query: Union[int, str] = "auto", layer: i
         if not 0 <= q < scores.shape[0]:
             raise ValueError(f"--query {q} out of range: the model has {scores.shape[0]} queries")
     return q, float(scores[q]), int(labels[q])
-
-
-def transformer_family(model) -> str:
-    """``"smca"``, ``"conditional"``, ``"deformable"`` or ``"other"`` from the transformer class."""
-    name = type(model.transformer).__name__
-    if name.startswith("SMCA"):
-        return "smca"
-    if name.startswith("Conditional"):
-        return "conditional"
-    if name.startswith("Deformable"):
-        return "deformable"
-    return "other"
 
 
 # ------------------------------------------------------------------------------------- panels
@@ -186,7 +161,7 @@ class Panel:
 
 @dataclass
 class AttentionMaps:
-    family: str
+    transformer: str                  # the transformer's class name
     layer: int
     query: int
     score: float
@@ -197,145 +172,60 @@ class AttentionMaps:
     row_titles: List[str] = field(default_factory=list)
 
 
-def _to_input_grid(maps: torch.Tensor, padded_hw, input_hw) -> np.ndarray:
-    """``[N, h, w]`` maps on the padded feature grid -> ``[N, H_in, W_in]`` (bilinear to the padded
-    input size, padding cropped)."""
-    up = F.interpolate(maps[:, None].float(), size=tuple(padded_hw), mode="bilinear", align_corners=False)[:, 0]
-    return up[:, : input_hw[0], : input_hw[1]].clamp_min(0).cpu().numpy()
-
-
-def _box_xyxy(outputs: Dict, layer: int, query: int, input_hw) -> np.ndarray:
-    cx, cy, w, h = outputs["pred_boxes"][layer][0, query].float().tolist()
-    hh, ww = input_hw
-    return np.array([(cx - w / 2) * ww, (cy - h / 2) * hh, (cx + w / 2) * ww, (cy + h / 2) * hh])
-
-
-def _head_rows(per_head: List[np.ndarray], titles: Sequence[str]) -> List[List[Panel]]:
-    """Rows of [mean over heads, head 0, head 1, ...] panels from ``[M, H, W]`` stacks."""
-    rows = []
-    for stack, title in zip(per_head, titles):
-        row = [Panel(f"{title}: mean of heads", heatmap=stack.mean(0))]
-        row += [Panel(f"{title}: head {m}", heatmap=stack[m]) for m in range(stack.shape[0])]
-        rows.append(row)
-    return rows
-
-
-# SMCA ---------------------------------------------------------------------------------------------
-def _smca_segments(model, extras: Dict, feature_hw) -> List[Tuple[int, int]]:
-    t = model.transformer
-    if hasattr(t, "segments") and isinstance(extras.get("src"), (list, tuple)):
-        shapes = [tuple(int(v) for v in s.shape[-2:]) for s in extras["src"]]
-        return [(seg.height, seg.width) for seg in t.segments(shapes)]
-    src = extras.get("src")
-    if torch.is_tensor(src) and src.dim() == 4:
-        return [tuple(int(v) for v in src.shape[-2:])]
-    return [tuple(feature_hw[0])]
-
-
-def _smca_maps(model, res: ForwardResult, layer: int, query: int):
-    extras = res.outputs["extras"]
-    n_layers = res.outputs["pred_logits"].shape[0]
-    li = layer % n_layers
-    gauss = extras[f"dec.{li}.gaussian"][0, :, query].float()          # [G, S]
-    weights = extras[f"dec.{li}.cross_attn_weights"][0, :, query].float()  # [M, S]
-    m = weights.shape[0]
-    prior = torch.nan_to_num(gauss.exp(), nan=0.0, posinf=0.0).expand(m, -1) if gauss.shape[0] == 1 else \
-        torch.nan_to_num(gauss.exp(), nan=0.0, posinf=0.0)
-    segs = _smca_segments(model, extras, res.feature_hw)
-    if sum(h * w for h, w in segs) != weights.shape[-1]:
-        raise RuntimeError(f"SMCA memory has {weights.shape[-1]} keys, segments {segs} do not add up")
-    prior_img, attn_img, start = None, None, 0
-    for h, w in segs:
-        p = _to_input_grid(prior[:, start:start + h * w].reshape(m, h, w), _seg_padded(res, h, w), res.input_hw)
-        a = _to_input_grid(weights[:, start:start + h * w].reshape(m, h, w), _seg_padded(res, h, w), res.input_hw)
-        prior_img = p if prior_img is None else np.maximum(prior_img, p)
-        attn_img = a if attn_img is None else attn_img + a
+def _memory_images(values: torch.Tensor, extras: Dict, input_hw, combine) -> np.ndarray:
+    """``[N, S]`` values over the decoder memory -> ``[N, H_in, W_in]``: every memory segment
+    (``memory_shapes`` / ``memory_strides``) bilinearly resized to the padded input area it covers,
+    padding cropped, segments combined by ``combine`` (``np.maximum`` or ``np.add``)."""
+    shapes = extras["memory_shapes"]
+    if sum(h * w for h, w in shapes) != values.shape[-1]:
+        raise RuntimeError(f"the memory has {values.shape[-1]} keys, its segments {shapes} do not add up")
+    out, start = None, 0
+    for (h, w), s in zip(shapes, extras["memory_strides"]):
+        seg = values[:, start:start + h * w].reshape(-1, 1, h, w)
+        up = F.interpolate(seg, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False)[:, 0]
+        img = up[:, : input_hw[0], : input_hw[1]].clamp_min(0).cpu().numpy()
+        out = img if out is None else combine(out, img)
         start += h * w
-    return [prior_img, attn_img], ["Gaussian prior", "modulated co-attention"]
+    return out
 
 
-def _seg_padded(res: ForwardResult, h: int, w: int) -> Tuple[int, int]:
-    """The padded input area a ``h x w`` feature grid covers (its stride times its size, from the
-    finest backbone level's stride)."""
-    fh, fw = res.feature_hw[0]
-    ph, pw = res.padded_hw
-    sy, sx = ph / fh, pw / fw  # stride of the finest backbone level
-    # coarser grids: the stride ratio is the size ratio rounded to a power of two
-    ry = 2 ** round(math.log2(max(fh / h, 1e-6)))
-    rx = 2 ** round(math.log2(max(fw / w, 1e-6)))
-    return int(round(h * sy * ry)), int(round(w * sx * rx))
+def _attention_rows(extras: Dict, li: int, query: int, input_hw):
+    """Rows of [mean over heads, head 0, head 1, ...] heat maps: SMCA's Gaussian prior and modulated
+    co-attention, Conditional DETR's spatial, content and combined attention, else the attention."""
+    weights = extras[f"dec.{li}.cross_attn_weights"][0, :, query].float()  # [M, S]
+    if f"dec.{li}.gaussian" in extras:
+        prior = torch.nan_to_num(extras[f"dec.{li}.gaussian"][0, :, query].float().exp(), nan=0.0, posinf=0.0)
+        maps = [(prior.expand(weights.shape[0], -1), "Gaussian prior", np.maximum),
+                (weights, "modulated co-attention", np.add)]
+    elif f"dec.{li}.spatial_logits" in extras:
+        maps = [(extras[f"dec.{li}.{k}_logits"][0, :, query].float().softmax(-1), f"{k} attention", np.add)
+                for k in ("spatial", "content")] + [(weights, "combined attention", np.add)]
+    else:
+        maps = [(weights, "cross-attention", np.add)]
+    rows = []
+    for values, title, combine in maps:
+        stack = _memory_images(values, extras, input_hw, combine)
+        rows.append([Panel(f"{title}: mean of heads", heatmap=stack.mean(0))]
+                    + [Panel(f"{title}: head {m}", heatmap=stack[m]) for m in range(stack.shape[0])])
+    return rows, [title for _, title, _ in maps]
 
 
-# Conditional --------------------------------------------------------------------------------------
-def _conditional_maps(model, inputs: Dict, layer: int, query_sel):
-    layers = model.transformer.decoder.layers
-    li = layer % len(layers)
-    captured = {}
-
-    def hook(module, args):
-        captured["q"], captured["k"] = args[0].detach(), args[1].detach()
-        captured["mask"] = args[3].detach() if len(args) > 3 and args[3] is not None else None
-
-    handle = layers[li].cross_attn.register_forward_pre_hook(hook)
-    try:
-        res = forward_with_internals(model, inputs)
-    finally:
-        handle.remove()
-    query, score, label = query_sel(res)
-    q, k, mask = captured["q"][0, :, query].float(), captured["k"][0].float(), captured["mask"]  # [M,2e], [M,S,2e]
-    e = q.shape[-1] // 2
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    content = torch.einsum("me,mse->ms", q[:, :e], k[..., :e]) * scale
-    spatial = torch.einsum("me,mse->ms", q[:, e:], k[..., e:]) * scale
-    if mask is not None:
-        add = mask[0].reshape(1, -1).float()
-        content, spatial = content + add, spatial + add
-    maps = [spatial.softmax(-1), content.softmax(-1), (content + spatial).softmax(-1)]
-    h, w = res.feature_hw[0]
-    imgs = [_to_input_grid(x.reshape(-1, h, w), res.padded_hw, res.input_hw) for x in maps]
-    return res, (query, score, label), imgs, ["spatial attention", "content attention", "combined attention"]
-
-
-# Deformable ---------------------------------------------------------------------------------------
-def _deformable_rows(model, res: ForwardResult, layer: int, query: int) -> List[List[Panel]]:
-    extras = res.outputs["extras"]
-    n_layers = len(extras["dec_sampling_locations"])
-    li = layer % n_layers
-    loc = extras["dec_sampling_locations"][li][0, query].float()   # [M, L, P, 2] in [0,1] of each level map
-    wts = extras["dec_attention_weights"][li][0, query].float()    # [M, L, P]
-    shapes = [tuple(int(v) for v in s) for s in extras["spatial_shapes"].tolist()]
-    strides = _level_strides(model, res, shapes)
-    ref = extras.get("dec_reference_points_input")
-    ref = ref[li][0, query].float() if ref is not None else None  # [L, 2|4]
-    hi, wi = res.input_hw
-    vmax = float(wts.max()) if wts.numel() else 1.0
-    level_panels, all_pts, all_w = [], [], []
-    for l, ((h, w), s) in enumerate(zip(shapes, strides)):
-        pts = loc[:, l].reshape(-1, 2).clone()
-        pts[:, 0] *= w * s
-        pts[:, 1] *= h * s
-        vals = wts[:, l].reshape(-1)
-        marks = None
-        if ref is not None:
-            marks = np.array([[float(ref[l, 0]) * w * s, float(ref[l, 1]) * h * s]])
-        level_panels.append(Panel(f"level {l} (stride {s:g}, {h}x{w})", points=pts.numpy(),
-                                  point_values=vals.numpy() / max(vmax, 1e-12), marks=marks))
-        all_pts.append(pts)
-        all_w.append(vals)
-    allp = Panel(f"all {len(shapes)} levels: {wts.shape[0]} heads x {wts.shape[2]} points per level",
-                 points=torch.cat(all_pts).numpy(), point_values=(torch.cat(all_w) / max(vmax, 1e-12)).numpy(),
-                 marks=level_panels[0].marks)
-    return [[allp] + level_panels]
-
-
-def _level_strides(model, res: ForwardResult, shapes) -> List[float]:
-    t = model.transformer
-    strides = [float(s) for s in getattr(t, "strides", [])]
-    if not strides:
-        strides = [res.padded_hw[1] / shapes[0][1]]
-    while len(strides) < len(shapes):
-        strides.append(strides[-1] * 2)
-    return strides[: len(shapes)]
+def _sampling_rows(extras: Dict, li: int, query: int) -> List[List[Panel]]:
+    """One row: the sampling points of every head coloured by their weight, all levels together, then
+    one panel per level; the reference point marked."""
+    loc = extras[f"dec.{li}.sampling_locations"][0, query].float()  # [M, L, P, 2] in [0,1] of each level
+    wts = extras[f"dec.{li}.sampling_weights"][0, query].float()    # [M, L, P]
+    ref = extras[f"dec.{li}.reference_points"][0, query].float()    # [L, 2|4]
+    vmax = max(float(wts.max()) if wts.numel() else 1.0, 1e-12)
+    panels = []
+    for l, ((h, w), s) in enumerate(zip(extras["memory_shapes"], extras["memory_strides"])):
+        size = torch.tensor([float(w * s), float(h * s)])
+        panels.append(Panel(f"level {l} (stride {s:g}, {h}x{w})", points=(loc[:, l].reshape(-1, 2) * size).numpy(),
+                            point_values=(wts[:, l].reshape(-1) / vmax).numpy(), marks=(ref[l, :2] * size)[None].numpy()))
+    every = Panel(f"all {len(panels)} levels: {wts.shape[0]} heads x {wts.shape[2]} points per level",
+                  points=np.concatenate([p.points for p in panels]), marks=panels[0].marks,
+                  point_values=np.concatenate([p.point_values for p in panels]))
+    return [[every] + panels]
 
 
 # -------------------------------------------------------------------------------------- public
@@ -344,45 +234,27 @@ def _level_strides(model, res: ForwardResult, shapes) -> List[float]:
 def attention_maps(model, inputs: Dict, query: Union[int, str] = "auto", layer: int = -1) -> AttentionMaps:
     """The attention pictures' data for ``query`` (index or ``"auto"``: the best-scoring query) of
     decoder ``layer`` (negative = from the end) for one model input dict (see
-    ``smca_detr.model_zoo.Predictor.inputs``). Raises ValueError for other transformers."""
-    family = transformer_family(model)
+    ``smca_detr.model_zoo.Predictor.inputs``), from the transformer's recorded intermediates (the
+    agreed keys of ``DetrTransformerBase``). Raises ValueError for a transformer that records none."""
     model.eval()
     t = model.transformer
-
-    def sel(res):
-        return select_query(model, res.outputs, query, layer)
-
-    with torch.no_grad():
-        if family == "smca":
-            prev = t.record_intermediates
-            t.record_intermediates = True
-            try:
-                res = forward_with_internals(model, inputs)
-            finally:
-                t.record_intermediates = prev
-            q, score, label = sel(res)
-            stacks, titles = _smca_maps(model, res, layer, q)
-            rows = _head_rows(stacks, titles)
-        elif family == "conditional":
-            res, (q, score, label), stacks, titles = _conditional_maps(model, inputs, layer, sel)
-            rows = _head_rows(stacks, titles)
-        elif family == "deformable":
-            prev = t.record_sampling
-            t.record_sampling = True
-            try:
-                res = forward_with_internals(model, inputs)
-            finally:
-                t.record_sampling = prev
-            q, score, label = sel(res)
-            rows = _deformable_rows(model, res, layer, q)
-            titles = ["sampling points coloured by attention weight"]
-        else:
-            raise ValueError(f"no attention visualisation for {type(t).__name__} (SMCA, Conditional and "
-                             "Deformable DETR transformers are supported)")
-    n_layers = res.outputs["pred_logits"].shape[0]
-    return AttentionMaps(family=family, layer=layer % n_layers, query=q, score=score, label=label,
-                         box_xyxy=_box_xyxy(res.outputs, layer, q, res.input_hw), input_hw=res.input_hw,
-                         rows=rows, row_titles=titles)
+    with torch.no_grad(), t.recording():
+        res = forward_with_internals(model, inputs)
+    extras, li = res.outputs["extras"], layer % res.outputs["pred_logits"].shape[0]
+    q, score, label = select_query(model, res.outputs, query, layer)
+    if f"dec.{li}.sampling_locations" in extras:
+        rows, titles = _sampling_rows(extras, li, q), ["sampling points coloured by attention weight"]
+    elif f"dec.{li}.cross_attn_weights" in extras:
+        rows, titles = _attention_rows(extras, li, q, res.input_hw)
+    else:
+        raise ValueError(f"no attention visualisation for {type(t).__name__}: it records neither "
+                         f"dec.{{l}}.cross_attn_weights nor dec.{{l}}.sampling_locations (SMCA, Conditional and "
+                         "Deformable DETR do)")
+    cx, cy, w, h = res.outputs["pred_boxes"][layer][0, q].float().tolist()
+    hh, ww = res.input_hw
+    box = np.array([(cx - w / 2) * ww, (cy - h / 2) * hh, (cx + w / 2) * ww, (cy + h / 2) * hh])
+    return AttentionMaps(transformer=type(t).__name__, layer=li, query=q, score=score, label=label, box_xyxy=box,
+                         input_hw=res.input_hw, rows=rows, row_titles=titles)
 
 
 def panel_size(image_hw: Tuple[int, int], panel_width: int) -> Tuple[int, int]:

@@ -1,42 +1,18 @@
-"""Fast CPU paths for detectron2 ResNets: norm folded into the convolutions, oneDNN fusion, Winograd.
+"""Fast CPU paths for detectron2 ResNets (``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE``; what each step
+measured: docs/SPEED.md). Frozen or eval-mode norms are folded into the convolutions
+(``norm(conv(x, W)) = conv(x, W * s) + (b - mean * s)``, ``s = gamma / sqrt(var + eps)``), which run
+channels-last through oneDNN's fused conv + bias + ReLU and conv + residual add + ReLU; 3x3 stride-1
+convolutions with enough input channels run as Winograd GEMMs (:mod:`.winograd`). Exact up to
+float32 rounding (tests/test_fused_resnet.py compares with detectron2's modules).
 
-At inference a frozen (or eval-mode) BatchNorm is an affine map per channel, so ``norm(conv(x, W))``
-equals ``conv(x, W * s) + (b - mean * s)`` with ``s = gamma / sqrt(var + eps)``. This module runs a
-detectron2 ``ResNet`` (``BasicStem`` + ``BottleneckBlock`` / ``BasicBlock``) with those folded
-weights in channels-last layout through oneDNN's fused operators (``torch.ops.mkldnn``): conv + bias
-+ ReLU in one pass, and the last conv of every block fused with the residual add + ReLU. That saves
-the separate norm, ReLU and add passes over every feature map and the NCHW <-> blocked reorders,
-about 25-30% of the backbone time of an R50 on CPU. The maths is the same as detectron2's modules up
-to float32 rounding (tests/test_fused_resnet.py compares both).
-
-It is used only where it is exact and available; :func:`fused_resnet_supported` says why not
-otherwise and the caller falls back to the modules' own forward:
-  * CPU float32 input, gradients disabled, module in eval mode, no autocast, not being traced
-    (fvcore FLOP counting, ``torch.jit.trace``) or compiled;
-  * every block of a known detectron2 type (exactly ``BasicStem``, ``BottleneckBlock``,
-    ``BasicBlock``; deformable blocks or other stems are not fused), every norm foldable
-    (``FrozenBatchNorm2d`` or an eval-mode ``BatchNorm2d``) or absent;
-  * the fused operators exist in this PyTorch build (``torch.ops.mkldnn._convolution_pointwise``).
-3x3 stride-1 convolutions with enough input channels (:data:`WINOGRAD_MIN_CHANNELS`) run
-as Winograd GEMMs (:mod:`smca_detr.layers.cpu.winograd`) instead of oneDNN's direct kernel: F(4x4, 3x3) on
-maps of at least :data:`WINOGRAD_F4_MIN_PIXELS` pixels, F(2x2, 3x3) on smaller ones.
-In training (:func:`fused_training_forward`), the frozen leading stages (``MODEL.BACKBONE.FREEZE_AT``:
-the stem and res2 in the DETR recipes) take the same fused path without autograd
-(:func:`fused_frozen_prefix`): nothing upstream of them needs a gradient, so this is exact, and it
-also replaces the training-mode max-pool that keeps argmax indices for a backward that never comes.
-In the trainable blocks every convolution whose norm is frozen (or eval-mode) runs with the norm folded
-into it through autograd (:func:`_train_conv`: the conv weights and any trainable norm affine get
-their exact gradients, and the separate scale-and-shift pass and its backward disappear: with the
-one-GEMM Winograd filter transform, 8% less R50 backbone training time); their 3x3 convolutions with at least
-:data:`TRAIN_WINOGRAD_MIN_CHANNELS` input channels use the differentiable Winograd
-convolution, and their 1x1 convolutions on maps of at least :data:`TRAIN_GEMM_1X1_MIN_PIXELS`
-pixels run as per-image GEMMs (:mod:`smca_detr.layers.cpu.conv1x1`) that read the frozen prefix's
-channels-last output as is and hand Winograd channels-last rows. Blocks with a training-mode
-BatchNorm, the stem and other block types run their own forward.
-Folded weights are cached per convolution and recomputed when any source tensor changes (new
-checkpoint, ``load_state_dict``, in-place edits), keyed on storage pointers and version counters.
-The whole path is switched by ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE``; its thresholds are the constants
-below, set where they measured faster on a 2-core AVX2 CPU (docs/SPEED.md).
+Inference (:func:`fused_resnet_forward`) runs only where :func:`fused_resnet_supported` says it is
+exact and available: CPU float32, no gradients, eval mode, no autocast, not traced or compiled;
+exactly ``BasicStem`` / ``BottleneckBlock`` / ``BasicBlock`` with foldable norms; oneDNN's fused
+operators present. Training (:func:`fused_training_forward`): the frozen leading stages
+(:func:`fused_frozen_prefix`) take the fused path without autograd; in the trainable blocks frozen
+norms are folded through autograd, 3x3 convolutions use the differentiable Winograd convolution and
+large 1x1 ones per-image GEMMs (:mod:`.conv1x1`). :class:`FusedCpuForward` is the dispatch. Folded
+weights are cached per convolution, keyed on storage pointers and version counters of their sources.
 """
 from typing import Dict, Optional, Tuple
 
@@ -51,7 +27,7 @@ from ..tracing import tracing_or_compiling
 from .winograd import (winograd_conv3x3, winograd_conv3x3_train, winograd_tile, winograd_weight,
                                winograd_weight_differentiable)
 
-__all__ = ["fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
+__all__ = ["FusedCpuForward", "fused_frozen_prefix", "fused_resnet_forward", "fused_resnet_supported", "fused_training_forward"]
 
 # 3x3 stride-1 convolutions with at least this many input channels run as Winograd GEMMs at
 # inference (winograd.py): 128 = R50 res3-res5, 10-30% faster per convolution than oneDNN.
@@ -406,3 +382,22 @@ def fused_training_forward(body: nn.Module, x: torch.Tensor, winograd_min_channe
                                 train_winograd_min_channels=train_winograd_min_channels,
                                 winograd_f4_min_pixels=winograd_f4_min_pixels,
                                 train_gemm_min_pixels=train_gemm_min_pixels)
+
+
+class FusedCpuForward:
+    """The ``MODEL.SMCA_DETR.FUSED_CPU_BACKBONE`` dispatch, ``(body, images) -> features`` of a
+    detectron2 backbone: with ``enabled``, CPU tensors take the fused inference path where it is exact
+    (:func:`fused_resnet_supported`), else the training path (:func:`fused_training_forward`) where it
+    applies; otherwise, and always on an accelerator (CPU-only kernels), ``body(images)``."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+
+    def __call__(self, body: nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.enabled and images.device.type == "cpu":
+            if fused_resnet_supported(body, images)[0]:
+                return fused_resnet_forward(body, images)
+            feats = fused_training_forward(body, images)
+            if feats is not None:
+                return feats
+        return body(images)

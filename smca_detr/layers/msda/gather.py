@@ -47,14 +47,8 @@ from torch import Tensor
 
 from .reference import _check_shapes, level_slices
 
-__all__ = [
-    "GatherPlan",
-    "build_gather_plan",
-    "gather_forward",
-    "gather_backward",
-    "ms_deform_attn_gather",
-    "ms_deform_attn_gather_backward",
-]
+__all__ = ["GatherPlan", "build_gather_plan", "gather_forward", "gather_backward", "ms_deform_attn_gather",
+           "ms_deform_attn_gather_backward"]
 
 # Index tensors are int32 below this size (int64 above); table rows are computed in floating point,
 # exact below 2**24 in float32 (else float64 is used). Module constants so tests can force the
@@ -99,13 +93,8 @@ def _head_major(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def build_gather_plan(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> GatherPlan:
+def build_gather_plan(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                      attention_weights: Tensor) -> GatherPlan:
     """Zero-ringed value table and the corner rows and weights of every sampling point (inputs as
     in :func:`.reference.ms_deform_attn_pytorch`). No autograd; the inputs are not modified."""
     levels = level_slices(spatial_shapes, level_start_index)

@@ -38,22 +38,9 @@ PyTorch inside the op, so the op works on every device: on CPU the gather forwar
 backward (:mod:`.gather`; the backward rebuilds the corner rows), elsewhere the ``grid_sample``
 reference and its analytic backward.
 
-FLOP counting (fvcore)
-----------------------
-fvcore's ``FlopCountAnalysis`` jit-traces the model. The ``"pytorch"`` path would appear in the
-trace as ``aten::grid_sampler`` nodes (which fvcore does not count), so **while ``torch.jit`` is
-tracing, every impl routes through the custom op** (``"pytorch"``/``"auto"``-on-CPU with
-``use_triton=False``: same numbers), and the trace holds one ``smca_detr::ms_deform_attn`` node per
-call. Tell fvcore about it::
-
-    flops = FlopCountAnalysis(model, inputs)
-    flops.set_op_handle("smca_detr::ms_deform_attn", msda_flop_jit)   # or add_msda_flop_handle(flops)
-    flops.by_operator()["ms_deform_attn"]
-
-:func:`msda_flop_jit` counts ``5 * B * Q * M * L * P * D`` (fvcore counts one multiply-add as one
-flop): per sampled point and channel, 4 multiply-adds for the bilinear corners and 1 for the
-attention weight. Per-point index / interpolation-weight arithmetic (independent of ``D``) is not
-counted.
+FLOP counting (fvcore): while ``torch.jit`` traces, every impl routes through the custom op, which
+:func:`msda_flop_jit` / :func:`add_msda_flop_handle` count (docs/MODEL_ZOO.md, "FLOPs of the
+deformable attention").
 """
 from __future__ import annotations
 
@@ -64,26 +51,11 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gather import (
-    build_gather_plan,
-    gather_forward,
-    ms_deform_attn_gather,
-    ms_deform_attn_gather_backward,
-)
+from .gather import (build_gather_plan, gather_forward, ms_deform_attn_gather, ms_deform_attn_gather_backward)
 from .reference import ms_deform_attn_pytorch, ms_deform_attn_pytorch_backward
 
-__all__ = [
-    "ms_deform_attn",
-    "resolve_impl",
-    "triton_available",
-    "triton_unavailable_reason",
-    "auto_fallback_reason",
-    "MIN_CUDA_CAPABILITY",
-    "msda_flop_jit",
-    "add_msda_flop_handle",
-    "MSDA_OP_NAME",
-    "IMPLS",
-]
+__all__ = ["ms_deform_attn", "resolve_impl", "triton_available", "triton_unavailable_reason", "auto_fallback_reason",
+           "MIN_CUDA_CAPABILITY", "msda_flop_jit", "add_msda_flop_handle", "MSDA_OP_NAME", "IMPLS"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,14 +189,8 @@ def _resolve_impl_constant(impl: str, device: str) -> str:
 # custom ops
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op(MSDA_OP_NAME, mutates_args=())
-def _msda_op(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    use_triton: bool,
-) -> Tensor:
+def _msda_op(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+             attention_weights: Tensor, use_triton: bool) -> Tensor:
     if use_triton:
         from .triton_kernels import ms_deform_attn_triton_forward
 
@@ -249,15 +215,9 @@ def _msda_op_fake(value, spatial_shapes, level_start_index, sampling_locations, 
 
 
 @torch.library.custom_op("smca_detr::ms_deform_attn_backward", mutates_args=())
-def _msda_backward_op(
-    grad_output: Tensor,
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    use_triton: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _msda_backward_op(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                      sampling_locations: Tensor, attention_weights: Tensor,
+                      use_triton: bool) -> Tuple[Tensor, Tensor, Tensor]:
     args = (grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if use_triton:
         from .triton_kernels import ms_deform_attn_triton_backward
@@ -272,11 +232,8 @@ def _msda_backward_op(
 def _msda_backward_op_fake(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, use_triton
 ):
-    return (
-        value.new_empty(value.shape),
-        sampling_locations.new_empty(sampling_locations.shape),
-        attention_weights.new_empty(attention_weights.shape),
-    )
+    return value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape), \
+        attention_weights.new_empty(attention_weights.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -292,14 +249,8 @@ def _backward(ctx, grad_output):
         sampling_locations, attention_weights, ctx.use_triton,
     )
     need = ctx.needs_input_grad
-    return (
-        grad_value if need[0] else None,
-        None,
-        None,
-        grad_loc if need[3] else None,
-        grad_attn if need[4] else None,
-        None,
-    )
+    return (grad_value if need[0] else None, None, None, grad_loc if need[3] else None,
+            grad_attn if need[4] else None, None)
 
 
 _msda_op.register_autograd(_backward, setup_context=_setup_context)
@@ -308,14 +259,8 @@ _msda_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
-def ms_deform_attn(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-    impl: str = "auto",
-) -> Tensor:
+def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                   attention_weights: Tensor, impl: str = "auto") -> Tensor:
     """Multi-scale deformable attention core.
 
     Args:

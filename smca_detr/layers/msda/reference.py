@@ -28,11 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "ms_deform_attn_pytorch",
-    "ms_deform_attn_pytorch_backward",
-    "level_slices",
-]
+__all__ = ["ms_deform_attn_pytorch", "ms_deform_attn_pytorch_backward", "level_slices"]
 
 
 def level_slices(spatial_shapes: Tensor, level_start_index: Tensor) -> List[Tuple[int, int, int]]:
@@ -90,13 +86,8 @@ def _grid_level(sampling_locations: Tensor, lvl: int) -> Tensor:
     return g.transpose(1, 2).reshape(B * M, Q, P, 2)
 
 
-def ms_deform_attn_pytorch(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                           attention_weights: Tensor) -> Tensor:
     """Reference MSDA forward (differentiable by autograd, any dtype). Returns ``[B, Q, M*D]``."""
     levels = level_slices(spatial_shapes, level_start_index)
     _check_shapes(value, sampling_locations, attention_weights, len(levels))
@@ -122,14 +113,9 @@ def ms_deform_attn_pytorch(
     return out.view(B, M * D, Q).transpose(1, 2).to(out_dtype).contiguous()
 
 
-def ms_deform_attn_pytorch_backward(
-    grad_output: Tensor,
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def ms_deform_attn_pytorch_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+                                    level_start_index: Tensor, sampling_locations: Tensor,
+                                    attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Analytic backward of :func:`ms_deform_attn_pytorch` without autograd.
 
     Returns ``(grad_value, grad_sampling_locations, grad_attention_weights)``. Uses

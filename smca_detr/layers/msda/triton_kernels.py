@@ -4,49 +4,9 @@ This module imports triton at import time; :mod:`smca_detr.layers.msda.op` impor
 the first Triton use), so importing smca_detr never loads it. (torch itself may import triton, e.g.
 through ``torch._dynamo``; that is outside this package.)
 
-Design
-------
-* **Rows = (query, head) pairs.** ``sampling_locations [B, Q, M, L, P, 2]``,
-  ``attention_weights [B, Q, M, L, P]`` and the output ``[B, Q, M*D]`` are all contiguous in the
-  flattened row index ``r = q * M + m``. One program handles ``BLOCK_R`` consecutive rows of one
-  batch element (grid ``(cdiv(Q*M, BLOCK_R), B)``) and all ``D`` channels of each row as a
-  ``[BLOCK_R, BLOCK_D]`` register tile (``BLOCK_D = next_pow2(D)``, extra channels masked, so any
-  ``D`` such as 3, 5 or 12 works). This is the "(batch, query-block, head)" decomposition with the
-  head folded into the row axis: no program is idle for small ``Q`` (decoder), the output tile is
-  stored with fully contiguous addresses, and there is no im2col-step restriction on the batch.
-* **Gathers are vectorised over channels.** For each level (``tl.static_range``, unrolled) and
-  point (unrolled) a program loads per row ``(x, y)`` and the weight, computes the four bilinear
-  corners once per row, and gathers four ``[BLOCK_R, BLOCK_D]`` tiles from
-  ``value [B, S, M, D]``; each row reads ``D`` contiguous elements
-  (``((s * M + m) * D + d)``, divisible by the constexpr ``D``, so loads vectorise). Corners
-  outside the map are masked (zero padding, = ``grid_sample(align_corners=False, zeros)``).
-* **Accumulation** is in float32 for fp32/fp16/bf16 inputs and float64 for float64 inputs
-  (``ACC`` constexpr); the result is cast to the input dtype on store.
-* **Backward** uses the same tiling. Each program reloads the ``grad_output`` tile once, then per
-  (level, point) recomputes the four corner tiles and
-  - ``grad_attention_weights[r, l, p] = sum_d g * sample`` (a row reduction, plain store),
-  - ``grad_sampling_locations[r, l, p] = w * (W_l, H_l) * sum_d g * d sample / d (x, y)``
-    (plain store: every (row, level, point) belongs to exactly one program),
-  - ``grad_value`` at the four corners ``+= w * corner_weight * g`` via relaxed ``tl.atomic_add``
-    (several queries hit the same pixel) into a float32 (float64 for float64 inputs) buffer that
-    the wrapper casts back to the value dtype (fp16/bf16 atomics would lose precision).
-* **Launch** on the tensors' CUDA device (``on_device``), not on the current one.
-  ``BLOCK_R * BLOCK_D`` is about 2048 (forward) / 1024 (backward, more live tiles)
-  elements, ``BLOCK_R`` is halved (down to 16) while the grid has fewer than 512 programs so that
-  decoder-sized inputs (300 queries) still fill a large GPU; 4 warps (2 for small tiles).
-* Compared with the PyTorch path (per level: a transposed copy of ``value``, ``grid_sample`` into a
-  ``[B*M, D, Q, L*P]`` buffer, a multiply and a reduction; the backward repeats this through
-  autograd), the kernels read ``value`` in place and write only the output, so the memory traffic
-  and the peak memory drop by the ``L*P``-fold intermediate.
-* Checked offline (no GPU available while writing): the kernels compile for sm_90 in fp32 / fp16 /
-  bf16 / fp64 with 128-bit vector loads (``ld.global.v4``) of the value rows and vectorised
-  ``atom.global.v4.f32`` for ``grad_value``; GPU speed is not measured here (see
-  ``tools/benchmark_msda.py``).
-* Integer offsets inside one batch element are int32 unless ``S*M*D`` or ``Q*M*L*P*2`` reach
-  2**31 (``IDX64`` constexpr); the batch offset is always int64.
-* Sampling positions are clamped to ``[-2, W_l + 1]`` / ``[-2, H_l + 1]`` before ``floor`` so that
-  far-away or huge locations cannot overflow the integer cast; all four corners are outside the
-  map there anyway, so output and gradients (zero) are unchanged.
+Design (rows = (query, head) pairs, channel-vectorised corner gathers, float32 / float64
+accumulation, atomics for ``grad_value``, launch sizes, int32 / int64 offsets, clamped positions):
+docs/SPEED.md, "MSDA Triton kernels".
 
 ``TRITON_INTERPRET=1``
 ----------------------
@@ -67,13 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = [
-    "ms_deform_attn_triton_forward",
-    "ms_deform_attn_triton_backward",
-    "interpreter_enabled",
-    "missing_triton_features",
-    "LAUNCH_COUNTS",
-]
+__all__ = ["ms_deform_attn_triton_forward", "ms_deform_attn_triton_backward", "interpreter_enabled",
+           "missing_triton_features", "LAUNCH_COUNTS"]
 
 #: Number of kernel launches per (kernel name, "interpret" | "compiled"); lets tests check that
 #: the Triton kernels really ran.
@@ -360,13 +315,8 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
     return value.contiguous(), shapes, starts, loc, attn, (B, S, M, D, Q, L, P), idx64
 
 
-def ms_deform_attn_triton_forward(
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tensor:
+def ms_deform_attn_triton_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                                  sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Triton MSDA forward; same contract as ``ms_deform_attn_pytorch``. Returns ``[B, Q, M*D]``
     in ``value.dtype``."""
     value, shapes, starts, loc, attn, dims, idx64 = _prepare(
@@ -388,14 +338,9 @@ def ms_deform_attn_triton_forward(
     return out
 
 
-def ms_deform_attn_triton_backward(
-    grad_output: Tensor,
-    value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
-    sampling_locations: Tensor,
-    attention_weights: Tensor,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def ms_deform_attn_triton_backward(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
+                                   level_start_index: Tensor, sampling_locations: Tensor,
+                                   attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Triton MSDA backward: ``(grad_value, grad_sampling_locations, grad_attention_weights)``,
     each in the dtype of the matching input (grad_value accumulated in fp32/fp64)."""
     value, shapes, starts, loc, attn, dims, idx64 = _prepare(

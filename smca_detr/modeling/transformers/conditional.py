@@ -24,17 +24,19 @@ Attention runs through the shared kernel ``smca_detr.modeling.blocks.attention``
 with head width ``d/M``, the cross-attention with query/key head width ``2d/M`` and value head width
 ``d/M`` (both SDPA and the explicit softmax take different widths), so no Python loop over heads.
 """
-from typing import Optional
+import math
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...layers.dropout import Dropout
+from ...layers.tracing import shape_ints
 from ..blocks import MLP, FFNMixin, attention, inverse_sigmoid, make_attn_mask
 from ..position_encoding import sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, build_single_level, padding_mask_or_none
+from .common import DetrTransformerBase, TransformerOutput, build_single_level, padding_mask_or_none, xavier_init
 
 __all__ = ["ConditionalTransformer", "ConditionalDecoder", "ConditionalDecoderLayer", "HeadAttention"]
 
@@ -53,8 +55,10 @@ class HeadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
         self.dropout = dropout
 
-    def forward(self, q, k, v, attn_mask: Optional[torch.Tensor] = None):
-        out, _ = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
+    def forward(self, q, k, v, attn_mask: Optional[torch.Tensor] = None, record: Optional[Dict] = None):
+        out, w = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0, need_weights=record is not None)
+        if record is not None:
+            record["cross_attn_weights"] = w
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -107,7 +111,8 @@ class ConditionalDecoderLayer(FFNMixin, nn.Module):
         out = [self.sa_qpos_proj, self.sa_kpos_proj]
         return out + ([self.ca_qpos_proj] if self.ca_qpos_proj is not None else [])
 
-    def forward(self, tgt, query_pos_proj, k_content, v, k_pos, query_sine_embed, attn_mask=None):
+    def forward(self, tgt, query_pos_proj, k_content, v, k_pos, query_sine_embed, attn_mask=None,
+                record: Optional[Dict] = None):
         """
         Args:
             tgt: ``[B,Q,d]`` decoder state.
@@ -116,6 +121,7 @@ class ConditionalDecoderLayer(FFNMixin, nn.Module):
                 ``ca_kpos_proj(pos)``.
             query_sine_embed: ``[1|B,Q,d]`` spatial embedding PE(s) ⊙ T(f).
             attn_mask: additive ``[B,1,1,S]`` memory padding mask or None.
+            record: a dict that receives ``cross_attn_weights``, ``content_logits``, ``spatial_logits``.
         """
         m, d = self.nhead, tgt.shape[-1]
         # ---- self-attention over the queries
@@ -132,7 +138,11 @@ class ConditionalDecoderLayer(FFNMixin, nn.Module):
         q_spatial = self.ca_qpos_sine_proj(query_sine_embed).expand_as(q_content)
         q = torch.cat((_heads(q_content, m), _heads(q_spatial, m)), dim=-1)
         k = torch.cat((_heads(k_content, m), _heads(k_pos, m)), dim=-1)
-        out = self.cross_attn(q, k, _heads(v, m), attn_mask)
+        out = self.cross_attn(q, k, _heads(v, m), attn_mask, record)
+        if record is not None:  # the two logit terms of every head, padding masked
+            e, mask = q.shape[-1] // 2, 0.0 if attn_mask is None else attn_mask
+            for name, part in (("content_logits", slice(None, e)), ("spatial_logits", slice(e, None))):
+                record[name] = q[..., part] @ k[..., part].transpose(-1, -2) / math.sqrt(2 * e) + mask
         tgt = self.norm2(tgt + self.dropout2(out))
 
         # ---- FFN
@@ -161,7 +171,8 @@ class ConditionalDecoder(nn.Module):
     def forward(self, tgt, memory, pos, query_pos, attn_mask=None, record: bool = False):
         """tgt ``[B,Q,d]``, memory / pos ``[B,S,d]``, query_pos ``[1|B,Q,d]`` -> hs ``[L,B,Q,d]``
         (after the decoder norm), reference points ``[1|B,Q,2]`` (x, y) in [0, 1], and with
-        ``record`` a dict of per-layer spatial embeddings and raw outputs ``[L,B,Q,d]``."""
+        ``record`` a dict of per-layer spatial embeddings and raw outputs ``[L,B,Q,d]`` and every layer's
+        ``dec.{l}.*`` of ``ConditionalDecoderLayer.forward``."""
         layers = self.layers
         d = self.d_model
         reference = self.ref_point_head(query_pos).sigmoid()
@@ -177,30 +188,31 @@ class ConditionalDecoder(nn.Module):
         k_pos = _fused_linear(pos, [layer.ca_kpos_proj for layer in layers]).chunk(len(layers), dim=-1)
 
         output = tgt
-        hs, sine_embeds, raw = [], [], []
+        hs, sine_embeds, raw, recorded = [], [], [], {}
         for i, layer in enumerate(layers):
             query_sine_embed = pos_sine if i == 0 else pos_sine * self.query_scale(output)
-            output = layer(output, qp[i], kv[2 * i], kv[2 * i + 1], k_pos[i], query_sine_embed, attn_mask)
+            rec = {} if record else None
+            output = layer(output, qp[i], kv[2 * i], kv[2 * i + 1], k_pos[i], query_sine_embed, attn_mask, rec)
             hs.append(self.norm(output))
             if record:
                 sine_embeds.append(query_sine_embed.expand_as(output))
                 raw.append(output)
-        recorded = {"query_sine_embed": torch.stack(sine_embeds), "dec_out_raw": torch.stack(raw)} if record else {}
+                recorded.update({f"dec.{i}.{k}": v for k, v in rec.items()})
+        if record:
+            recorded.update(query_sine_embed=torch.stack(sine_embeds), dec_out_raw=torch.stack(raw))
         return torch.stack(hs), reference, recorded
 
 
 @TRANSFORMER_REGISTRY.register()
-class ConditionalTransformer(nn.Module):
+class ConditionalTransformer(DetrTransformerBase):
     """Conditional DETR transformer. Keys: ``input.input_proj``, ``query_embed``, ``encoder.*``
     (DETR encoder), ``decoder.*`` (official Conditional DETR names)."""
 
     # heads: focal prior on the class bias, last box layer zero-initialised (official init)
     zero_init_box = True
-    # also return per-layer decoder internals in ``extras`` (parity tests, visualisation)
-    record_intermediates = False
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.MODEL.SMCA_DETR
         if c.PRE_NORM:
             raise ValueError("ConditionalTransformer: MODEL.SMCA_DETR.PRE_NORM=True is not supported "
@@ -211,20 +223,14 @@ class ConditionalTransformer(nn.Module):
             raise ValueError(f"MODEL.SMCA_DETR.HIDDEN_DIM must be even, got {c.HIDDEN_DIM}")
         d = c.HIDDEN_DIM
         self.nhead = c.NHEADS
+        self.stride = int(input_shapes[0].stride)
         build_single_level(self, cfg, input_shapes, "ConditionalTransformer")
         self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,
                                           c.ACTIVATION, c.POS_TEMPERATURE)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # Official: Xavier-uniform on every matrix of the encoder and decoder (incl. query_scale and
-        # ref_point_head); input_proj and query_embed keep PyTorch's default init.
-        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self, skip=(self.input, self.query_embed))  # incl. query_scale and ref_point_head
 
     def forward(self, features, masks, image_sizes=None, heads=None) -> TransformerOutput:
-        src, pos, mask, _ = self.input(features[0], masks[0])
+        src, pos, mask, grid_hw = self.input(features[0], masks[0])
         key_padding_mask = padding_mask_or_none(mask)
         memory = self.encoder(src, pos, key_padding_mask)
         attn_mask = make_attn_mask(key_padding_mask, None, memory.dtype)
@@ -240,7 +246,9 @@ class ConditionalTransformer(nn.Module):
             "mask": mask,                         # [B,HW] True = padding
             "reference_points": reference,        # [B,Q,2] sigmoid (x, y)
             # with record_intermediates: "query_sine_embed" [L,B,Q,d] (spatial embedding fed to each
-            # layer, after the T(f) product), "dec_out_raw" [L,B,Q,d] (before the decoder norm)
+            # layer, after the T(f) product), "dec_out_raw" [L,B,Q,d] (before the decoder norm), dec.{l}.*
             **recorded,
         }
+        if self.record_intermediates:
+            extras.update(memory_shapes=[shape_ints(grid_hw)], memory_strides=[self.stride])
         return TransformerOutput(hs=hs, references=references, extras=extras)

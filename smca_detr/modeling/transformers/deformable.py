@@ -36,18 +36,12 @@ from ..blocks import at_least_float32
 from ..blocks import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, flatten_level, padding_mask_or_none
+from .common import (DetrTransformerBase, TransformerOutput, embed_levels, flatten_levels, level_projections,
+                     padding_mask_or_none, xavier_init)
 
-__all__ = [
-    "DeformableTransformer",
-    "DeformableTransformerEncoderLayer",
-    "DeformableTransformerDecoderLayer",
-    "DeformableTransformerEncoder",
-    "DeformableTransformerDecoder",
-    "valid_ratios",
-    "encoder_reference_points",
-    "encoder_output_proposals",
-]
+__all__ = ["DeformableTransformer", "DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer",
+           "DeformableTransformerEncoder", "DeformableTransformerDecoder", "valid_ratios", "encoder_reference_points",
+           "encoder_output_proposals"]
 
 _CFG = "MODEL.SMCA_DETR.DEFORMABLE"
 
@@ -119,6 +113,11 @@ def encoder_output_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------- layers
+def _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout):
+    """The deformable attention of a layer with its residual dropout and post-norm."""
+    return MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl), Dropout(dropout), nn.LayerNorm(d_model)
+
+
 class DeformableTransformerEncoderLayer(FFNMixin, nn.Module):
     """Deformable self-attention (queries = positions + encodings, values = positions), post-norm,
     then FFN with post-norm (official order; keys ``self_attn``, ``norm1``, ``linear1/2``, ``norm2``)."""
@@ -126,9 +125,7 @@ class DeformableTransformerEncoderLayer(FFNMixin, nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
                  n_points=4, msda_impl="auto"):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn, self.dropout1, self.norm1 = _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout)
         self.build_ffn(d_model, d_ffn, dropout, activation)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -146,9 +143,7 @@ class DeformableTransformerDecoderLayer(FFNMixin, nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4, n_heads=8,
                  n_points=4, msda_impl="auto"):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=msda_impl)
-        self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn, self.dropout1, self.norm1 = _msda_block(d_model, n_levels, n_heads, n_points, msda_impl, dropout)
         self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -213,7 +208,7 @@ class DeformableTransformerDecoder(nn.Module):
 
 # ---------------------------------------------------------------------------------------- transformer
 @TRANSFORMER_REGISTRY.register()
-class DeformableTransformer(nn.Module):
+class DeformableTransformer(DetrTransformerBase):
     """Deformable DETR transformer (see the module docstring).
 
     Config: ``MODEL.SMCA_DETR`` sizes (HIDDEN_DIM, NHEADS, ENC/DEC_LAYERS, DIM_FEEDFORWARD, DROPOUT,
@@ -230,9 +225,9 @@ class DeformableTransformer(nn.Module):
     ``dec_query_pos``, ``init_reference``, ``inter_references`` (list per layer),
     ``dec_reference_points_input`` (list per layer, scaled by the valid ratios); two-stage also
     ``output_memory``, ``output_proposals`` (+inf where invalid), ``enc_outputs_coord_unact``,
-    ``topk_proposals``. ``record_sampling = True`` adds every decoder layer's
-    ``dec_sampling_locations [B,Q,M,L,P,2]`` and ``dec_attention_weights [B,Q,M,L,P]`` (off by
-    default: they cost a copy per layer).
+    ``topk_proposals``. ``record_intermediates`` adds ``memory_shapes``, ``memory_strides`` and every
+    decoder layer's ``dec.{l}.sampling_locations``, ``dec.{l}.sampling_weights`` and
+    ``dec.{l}.reference_points`` (``DetrTransformerBase``; off by default: they cost a copy per layer).
 
     Extra levels need the image padding mask: it is rebuilt from ``image_sizes`` and the padded size
     ``H_0 * stride_0`` of the finest level (the batch is padded to a multiple of the largest stride).
@@ -241,7 +236,7 @@ class DeformableTransformer(nn.Module):
     zero_init_box = True
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.MODEL.SMCA_DETR
         dc = c.DEFORMABLE
         d = c.HIDDEN_DIM
@@ -272,16 +267,9 @@ class DeformableTransformer(nn.Module):
         self.num_queries = c.NUM_QUERIES
         self.per_layer_heads = self.with_box_refine
         self.num_head_sets = c.DEC_LAYERS + (1 if self.two_stage else 0)
-        self.record_sampling = False
         self.strides = [s.stride for s in input_shapes]
-
-        # input projections: backbone levels, then extra stride-2 levels
-        projs = [nn.Sequential(nn.Conv2d(s.channels, d, kernel_size=1), nn.GroupNorm(32, d)) for s in input_shapes]
-        in_ch = input_shapes[-1].channels
-        for _ in range(self.num_feature_levels - num_backbone):
-            projs.append(nn.Sequential(nn.Conv2d(in_ch, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
-            in_ch = d
-        self.input_proj = nn.ModuleList(projs)
+        projs, extra = level_projections(input_shapes, d, self.num_feature_levels, group_norm=True)
+        self.input_proj = nn.ModuleList(projs + extra)
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE, offset=-0.5)
         self.level_embed = nn.Parameter(torch.empty(self.num_feature_levels, d))
 
@@ -310,12 +298,7 @@ class DeformableTransformer(nn.Module):
         deformable-attention init, Xavier + zero bias for ``reference_points``, N(0,1) level
         embeddings; ``input_proj`` convs Xavier with zero bias (GroupNorm 1/0); ``query_embed``
         keeps nn.Embedding's N(0,1)."""
-        skip = {id(p) for p in self.input_proj.parameters()}
-        if not self.two_stage:
-            skip.add(id(self.query_embed.weight))
-        for p in self.parameters():
-            if p.dim() > 1 and id(p) not in skip:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self, skip=(self.input_proj,) if self.two_stage else (self.input_proj, self.query_embed))
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
@@ -346,8 +329,7 @@ class DeformableTransformer(nn.Module):
         if n_backbone != len(self.strides):
             raise ValueError(f"DeformableTransformer was built for {len(self.strides)} backbone level(s), "
                              f"got {n_backbone}")
-        srcs = [self.input_proj[l](f) for l, f in enumerate(features)]
-        masks = list(masks)
+        image_mask = None
         if self.num_feature_levels > n_backbone:
             # Extra levels use the image mask resized to their size (official behaviour). The padded
             # image size is the finest level's size times its stride (the batch is padded to a
@@ -355,13 +337,8 @@ class DeformableTransformer(nn.Module):
             h0, w0 = features[0].shape[-2:]
             padded = (h0 * self.strides[0], w0 * self.strides[0])
             image_mask = image_padding_mask(image_sizes, padded, features[0].device)
-            x = features[-1]
-            for l in range(n_backbone, self.num_feature_levels):
-                x = self.input_proj[l](x)
-                srcs.append(x)
-                masks.append(resize_mask(image_mask, x.shape[-2:]))
-        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
-        return srcs, masks, pos
+        return embed_levels(self.input_proj, features, masks, self.position_embedding,
+                            lambda size: resize_mask(image_mask, size))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         if (self.with_box_refine or self.two_stage) and heads is None:
@@ -381,10 +358,7 @@ class DeformableTransformer(nn.Module):
                 starts.append(starts[-1] + h * w)
             level_start_index = torch.as_tensor(starts, dtype=torch.long).to(device, non_blocking=True)
 
-        src_flatten = torch.cat([flatten_level(s) for s in srcs], 1)
-        mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
-        pos_flatten = torch.cat([flatten_level(p) + self.level_embed[l].view(1, 1, -1).to(p.dtype)
-                                 for l, p in enumerate(pos)], 1)
+        src_flatten, mask_flatten, pos_flatten = flatten_levels(srcs, masks, pos, self.level_embed)
         # Valid ratios, reference points and proposals stay in (at least) float32 under mixed precision:
         # sampling locations need the resolution (the official code computes them in float32 too).
         ratios = valid_ratios(masks)
@@ -423,15 +397,18 @@ class DeformableTransformer(nn.Module):
 
         cross = [layer.cross_attn for layer in self.decoder.layers]
         for m in cross:
-            m.store_sampling = self.record_sampling
+            m.store_sampling = self.record_intermediates
         hs, layer_refs = self.decoder(tgt, query_pos, reference, memory, spatial_shapes, level_start_index,
                                       ratios, attn_mask,
                                       box_heads=heads.box_head if self.with_box_refine else None,
                                       extras=extras)
-        if self.record_sampling:
-            extras["dec_sampling_locations"] = [m.last_sampling["sampling_locations"] for m in cross]
-            extras["dec_attention_weights"] = [m.last_sampling["attention_weights"] for m in cross]
-            for m in cross:
+        if self.record_intermediates:
+            strides = self.strides + [self.strides[-1] * 2 ** (i + 1) for i in range(len(spatial) - len(self.strides))]
+            extras.update(memory_shapes=spatial, memory_strides=strides)
+            for l, m in enumerate(cross):
+                extras.update({f"dec.{l}.sampling_locations": m.last_sampling["sampling_locations"],
+                               f"dec.{l}.sampling_weights": m.last_sampling["attention_weights"],
+                               f"dec.{l}.reference_points": extras["dec_reference_points_input"][l]})
                 m.store_sampling, m.last_sampling = False, None
 
         # Reference of each layer's prediction in logit space; a 2-d reference among 4-d ones (layer 0

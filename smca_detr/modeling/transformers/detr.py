@@ -6,7 +6,7 @@ from torch import nn
 from ...layers.dropout import Dropout
 from ..blocks import FFNMixin, MultiheadAttention, clones
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, build_single_level, padding_mask_or_none
+from .common import DetrTransformerBase, TransformerOutput, build_single_level, padding_mask_or_none, xavier_init
 
 __all__ = ["DETRTransformer", "TransformerDecoderLayer", "TransformerDecoder"]
 
@@ -64,23 +64,17 @@ class TransformerDecoder(nn.Module):
 
 
 @TRANSFORMER_REGISTRY.register()
-class DETRTransformer(nn.Module):
+class DETRTransformer(DetrTransformerBase):
     """Plain DETR. Keys: ``input.input_proj``, ``query_embed``, ``encoder.*``, ``decoder.*``."""
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.MODEL.SMCA_DETR
         build_single_level(self, cfg, input_shapes, "DETRTransformer")
         d = c.HIDDEN_DIM
         dec_layer = TransformerDecoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
         self.decoder = TransformerDecoder(dec_layer, c.DEC_LAYERS, d)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # Official: Xavier on the encoder/decoder matrices only (input_proj, queries keep their init).
-        for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init(self, skip=(self.input, self.query_embed))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         src, pos, mask, _ = self.input(features[0], masks[0])

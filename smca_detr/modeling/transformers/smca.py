@@ -43,7 +43,8 @@ from torch import nn
 from ...layers.tracing import shape_ints
 from ..blocks import MLP, at_least_float32
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, build_single_level, image_wh, padding_mask_or_none
+from .common import (DetrTransformerBase, TransformerOutput, build_single_level, image_wh, padding_mask_or_none,
+                     xavier_init)
 from .detr import TransformerDecoderLayer
 
 __all__ = ["SCALE_CHANNELS", "scale_channels", "smca_gaussian_bias", "mask_padded_keys",
@@ -320,7 +321,9 @@ class SMCADecoder(nn.Module):
         """The SMCA transformers' tail: zero targets with the learned ``query_embed [Q,d]`` as query
         positions, the decoder, references (layer 0's logit for every layer). ``record_extras`` (a
         dict, or None when not recording): the caller's intermediates, returned in ``extras`` with
-        ``hs``, ``ref_logits`` and every layer's ``dec.{l}.*``. ``extras["reference_points"]``
+        ``hs``, ``ref_logits``, ``memory_shapes``, ``memory_strides`` and every layer's ``dec.{l}.*``
+        (``offsets``, ``scale_raw``, ``gaussian [B,G,Q,S]``, ``centers`` (one segment),
+        ``scale_attention``, ``out``, ``cross_attn_out``, ``cross_attn_weights [B,M,Q,S]``). ``extras["reference_points"]``
         (sigmoid of the reference logit, ``[B,Q,2]``, normalised (x, y)) is always returned."""
         b = memory.shape[0]
         query_pos = query_embed[None].expand(b, -1, -1)
@@ -331,7 +334,8 @@ class SMCADecoder(nn.Module):
                              records=records)
         extras = {"reference_points": ref_logit.sigmoid()}
         if records is not None:
-            extras.update(record_extras, hs=hs, ref_logits=ref_logit)
+            extras.update(record_extras, hs=hs, ref_logits=ref_logit, memory_shapes=[(s.height, s.width) for s in segments],
+                          memory_strides=[s.divisor for s in segments])
             for i, rec in enumerate(records):
                 extras.update({f"dec.{i}.{k}": v for k, v in rec.items() if v is not None})
         references = ref_logit[None].expand(hs.shape[0], -1, -1, -1)
@@ -339,13 +343,9 @@ class SMCADecoder(nn.Module):
 
 
 def reset_smca_parameters(module: nn.Module, skip=()):
-    """Official SMCA init: Xavier-uniform on every matrix of ``module`` (the transformer) except those
-    of ``skip`` (input projections and queries keep their own init), then ``point3`` of every decoder
-    layer weight 0 / bias 1 (all scales 1)."""
-    skip_ids = {id(p) for m in skip for p in m.parameters()}
-    for p in module.parameters():
-        if p.dim() > 1 and id(p) not in skip_ids:
-            nn.init.xavier_uniform_(p)
+    """Official SMCA init: ``xavier_init(module, skip)``, then ``point3`` of every decoder layer weight
+    0 / bias 1 (all scales 1)."""
+    xavier_init(module, skip)
     for layer in module.decoder.layers:
         if layer.point3 is not None:
             nn.init.zeros_(layer.point3.weight)
@@ -353,7 +353,7 @@ def reset_smca_parameters(module: nn.Module, skip=()):
 
 
 @TRANSFORMER_REGISTRY.register()
-class SMCATransformer(nn.Module):
+class SMCATransformer(DetrTransformerBase):
     """SMCA-DETR single scale. Keys: ``input.input_proj``, ``query_embed``, ``encoder.layers.*``,
     ``decoder.layers.*``, ``decoder.norm`` (official names after the ``transformer.`` prefix, see
     ``smca_detr.checkpoint.smca``).
@@ -363,19 +363,15 @@ class SMCATransformer(nn.Module):
     HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}. One feature level (IN_FEATURES), any stride: the decoder
     memory is one ``MemorySegment`` with divisor = stride.
 
-    Set ``record_intermediates = True`` to get per-layer internals in ``TransformerOutput.extras``
-    (``hs``, ``src``, ``memory``, ``pos``, ``mask``, ``ref_logits``, ``ref_centers``, ``dec.{l}.offsets``,
-    ``dec.{l}.scale_raw``, ``dec.{l}.gaussian`` [B,G,Q,HW], ``dec.{l}.centers``, ``dec.{l}.out``,
-    ``dec.{l}.cross_attn_out``, ``dec.{l}.cross_attn_weights`` [B,M,Q,HW]); the cross-attention then
-    runs through the explicit-softmax path to expose its weights.
+    ``record_intermediates`` records ``SMCADecoder.decode``'s keys and ``src``, ``memory``, ``pos``,
+    ``mask``, ``ref_centers``; the cross-attention then runs the explicit softmax to expose its weights.
     """
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         build_single_level(self, cfg, input_shapes, "SMCATransformer")
         self.stride = int(input_shapes[0].stride)
         self.decoder = SMCADecoder(cfg)
-        self.record_intermediates = False
         reset_smca_parameters(self, skip=(self.input, self.query_embed))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:

@@ -40,10 +40,11 @@ from torch import nn
 
 from ...layers.dropout import Dropout
 from ...layers.tracing import shape_ints
+from ..backbone import resize_mask
 from ..blocks import FFNMixin, clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerOutput, check_levels, flatten_level
+from .common import DetrTransformerBase, TransformerOutput, check_levels, embed_levels, flatten_levels, level_projections
 from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
 __all__ = ["ConvMultiScaleEncoderLayer", "ConvMultiScaleEncoder", "SMCAConvMultiScaleTransformer"]
@@ -51,10 +52,6 @@ __all__ = ["ConvMultiScaleEncoderLayer", "ConvMultiScaleEncoder", "SMCAConvMulti
 
 def _depthwise(d: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(d, d, kernel_size=5, stride=stride, padding=2, groups=d)
-
-
-def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
@@ -90,7 +87,7 @@ class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
             if l < self.num_levels - 1:
                 x = x + F.interpolate(self.up_convs[l](a[l + 1]), size=src.shape[-2:], mode="bilinear",
                                       align_corners=True)
-            y = _channel_norm(self.norm1, src + self.dropout1(self.conv_2(x))).permute(0, 2, 3, 1)
+            y = self.norm1((src + self.dropout1(self.conv_2(x))).permute(0, 2, 3, 1))  # LayerNorm over channels
             y = self.norm2(y + self.dropout2(self.ffn(y)))
             outs.append(y.permute(0, 3, 1, 2))
         return outs
@@ -110,7 +107,7 @@ class ConvMultiScaleEncoder(nn.Module):
 
 
 @TRANSFORMER_REGISTRY.register()
-class SMCAConvMultiScaleTransformer(nn.Module):
+class SMCAConvMultiScaleTransformer(DetrTransformerBase):
     """Official "new multi-scale" SMCA (see the module docstring).
 
     Keys: ``input_proj.{0,1,2}``, ``extra_proj``, ``level_embed [4, d]``, ``encoder.layers.{i}.*``,
@@ -123,16 +120,13 @@ class SMCAConvMultiScaleTransformer(nn.Module):
     is post-norm (PRE_NORM must be False) and always uses scale selection (SMCA.SCALE_SELECTION is
     not read).
 
-    ``record_intermediates = True`` adds ``masks``, ``pos`` (no level embedding), ``src``,
-    ``encoder_out`` (per level, ``[B,d,H,W]``), ``memory``, ``memory_mask``, ``ref_logits`` and
-    ``dec.{l}.{offsets, scale_raw, scale_attention, gaussian [B,G,Q,S], out, cross_attn_out,
-    cross_attn_weights}`` to ``TransformerOutput.extras``.
-    """
+    ``record_intermediates``: ``SMCADecoder.decode``'s keys, ``masks``, ``pos`` (no level embedding),
+    ``src``, ``encoder_out`` (per level, ``[B,d,H,W]``), ``memory``, ``memory_mask``."""
 
     NUM_BACKBONE_LEVELS = 3
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c = cfg.MODEL.SMCA_DETR
         check_levels("SMCAConvMultiScaleTransformer", input_shapes, self.NUM_BACKBONE_LEVELS)
         if c.PRE_NORM:
@@ -144,8 +138,8 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         strides = [int(x.stride) for x in input_shapes]
         self.strides = strides + [2 * strides[-1]]
         self.num_levels = len(self.strides)
-        self.input_proj = nn.ModuleList(nn.Conv2d(x.channels, d, kernel_size=1) for x in input_shapes)
-        self.extra_proj = nn.Conv2d(input_shapes[-1].channels, d, kernel_size=3, stride=2, padding=1)
+        projs, extra = level_projections(input_shapes, d, self.num_levels)
+        self.input_proj, self.extra_proj = nn.ModuleList(projs), extra[0]
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE)
         self.level_embed = nn.Parameter(torch.empty(self.num_levels, d))
         self.encoder = ConvMultiScaleEncoder(
@@ -154,7 +148,6 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
         self.decoder = SMCADecoder(cfg, num_segments=self.num_levels, num_param_groups=self.num_levels,
                                    scale_selection=True)
-        self.record_intermediates = False
         # Official: Xavier on every matrix of the transformer (incl. the encoder convs, memory conv and
         # level embedding); input projections and queries live outside it and keep their init.
         reset_smca_parameters(self, skip=(self.input_proj, self.extra_proj, self.query_embed))
@@ -169,9 +162,9 @@ class SMCAConvMultiScaleTransformer(nn.Module):
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         check_levels("SMCAConvMultiScaleTransformer", features, self.NUM_BACKBONE_LEVELS)
-        srcs = [proj(f) for proj, f in zip(self.input_proj, features)] + [self.extra_proj(features[-1])]
-        masks = list(masks) + [F.interpolate(masks[-1][None].float(), size=srcs[-1].shape[-2:]).bool()[0]]
-        pos = [self.position_embedding(m).to(x.dtype) for m, x in zip(masks, srcs)]
+        last = masks[-1]
+        srcs, masks, pos = embed_levels([*self.input_proj, self.extra_proj], features, masks, self.position_embedding,
+                                        lambda size: resize_mask(last, size))
         embed = self.level_embed.to(srcs[0].dtype)
         lvl_pos = [p + e[None, :, None, None] for p, e in zip(pos, embed)]
         enc = self.encoder(srcs, lvl_pos)
@@ -179,9 +172,7 @@ class SMCAConvMultiScaleTransformer(nn.Module):
         if first.shape[-2:] != enc[1].shape[-2:]:
             raise ValueError(f"memory_conv of the finest level gives {tuple(first.shape[-2:])}, expected the "
                              f"second level's size {tuple(enc[1].shape[-2:])}")
-        memory = torch.cat([flatten_level(x) for x in [first] + enc[1:]], 1)
-        mem_pos = torch.cat([flatten_level(p) for p in [lvl_pos[1]] + lvl_pos[1:]], 1)
-        mem_mask = torch.cat([m.flatten(1) for m in [masks[1]] + masks[1:]], 1)
+        memory, mem_mask, mem_pos = flatten_levels([first] + enc[1:], [masks[1]] + masks[1:], [lvl_pos[1]] + lvl_pos[1:])
         shapes = [shape_ints(x.shape[-2:]) for x in srcs]
         record = None
         if self.record_intermediates:

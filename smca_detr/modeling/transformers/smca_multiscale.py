@@ -35,14 +35,15 @@ The decoder is the one SMCA decoder of ``smca.py`` (``SMCADecoder`` over a list 
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...layers.tracing import shape_ints
+from ..backbone import resize_mask
 from ..blocks import clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import TransformerEncoderLayer, TransformerOutput, flatten_level
+from .common import (DetrTransformerBase, TransformerEncoderLayer, TransformerOutput, embed_levels, flatten_levels,
+                     level_projections)
 from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
 __all__ = ["validate_encoder_layout", "MultiScaleEncoder", "SMCAMultiScaleTransformer"]
@@ -89,7 +90,7 @@ class MultiScaleEncoder(nn.Module):
 
 
 @TRANSFORMER_REGISTRY.register()
-class SMCAMultiScaleTransformer(nn.Module):
+class SMCAMultiScaleTransformer(DetrTransformerBase):
     """The paper's multi-scale SMCA (see the module docstring).
 
     Keys: ``input_proj.{l}`` (1x1 convs, one per backbone level), ``extra_proj`` (3x3 stride-2 conv
@@ -101,12 +102,11 @@ class SMCAMultiScaleTransformer(nn.Module):
     POS_TEMPERATURE}, MODEL.SMCA_DETR.SMCA.{ENCODER_LAYOUT, SCALE_SELECTION, DYNAMIC_SCALE,
     HEAD_SHARED, SMOOTH, CENTER_MLP_LAYERS}.
 
-    ``record_intermediates = True`` adds ``masks``/``pos``/``src`` (per level), ``memory``,
-    ``memory_mask``, ``ref_logits`` and ``dec.{l}.*`` to ``TransformerOutput.extras``.
-    """
+    ``record_intermediates``: ``SMCADecoder.decode``'s keys, ``masks``/``pos``/``src`` (per level),
+    ``memory``, ``memory_mask``."""
 
     def __init__(self, cfg, input_shapes):
-        super().__init__()
+        super().__init__(cfg)
         c, s = cfg.MODEL.SMCA_DETR, cfg.MODEL.SMCA_DETR.SMCA
         if len(input_shapes) < 1:
             raise ValueError("SMCAMultiScaleTransformer needs at least one level in MODEL.SMCA_DETR.IN_FEATURES")
@@ -117,15 +117,14 @@ class SMCAMultiScaleTransformer(nn.Module):
         self.ref_stride = int(input_shapes[-1].stride)
         self.num_levels = len(self.strides)
         self.scale_selection = bool(s.SCALE_SELECTION)
-        self.input_proj = nn.ModuleList(nn.Conv2d(x.channels, d, kernel_size=1) for x in input_shapes)
-        self.extra_proj = nn.Conv2d(input_shapes[-1].channels, d, kernel_size=3, stride=2, padding=1)
+        projs, extra = level_projections(input_shapes, d, self.num_levels)
+        self.input_proj, self.extra_proj = nn.ModuleList(projs), extra[0]
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE)
         self.level_embed = nn.Parameter(torch.empty(self.num_levels, d))
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)
         enc_layer = TransformerEncoderLayer(d, c.NHEADS, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, c.PRE_NORM)
         self.encoder = MultiScaleEncoder(enc_layer, self.layout, nn.LayerNorm(d) if c.PRE_NORM else None)
         self.decoder = SMCADecoder(cfg, self.num_levels, 1, self.scale_selection)
-        self.record_intermediates = False
         reset_smca_parameters(self, skip=(self.input_proj, self.extra_proj, self.query_embed))
         nn.init.normal_(self.level_embed)  # as Deformable DETR's level embedding
 
@@ -141,10 +140,9 @@ class SMCAMultiScaleTransformer(nn.Module):
         if len(features) != self.num_levels - 1:
             raise ValueError(f"SMCAMultiScaleTransformer was built for {self.num_levels - 1} backbone levels, "
                              f"got {len(features)}")
-        srcs = [proj(f) for proj, f in zip(self.input_proj, features)] + [self.extra_proj(features[-1])]
-        masks = list(masks) + [F.interpolate(masks[-1][None].float(), size=srcs[-1].shape[-2:]).bool()[0]]
-        pos = [self.position_embedding(m).to(x.dtype) for m, x in zip(masks, srcs)]
-        return srcs, masks, pos
+        last = masks[-1]
+        return embed_levels([*self.input_proj, self.extra_proj], features, masks, self.position_embedding,
+                            lambda size: resize_mask(last, size))
 
     def forward(self, features, masks, image_sizes, heads=None) -> TransformerOutput:
         return self.forward_embedded(*self.embed(features, masks), image_sizes)
@@ -153,9 +151,7 @@ class SMCAMultiScaleTransformer(nn.Module):
         """Encoder + decoder on the levels returned by ``embed``."""
         shapes = [shape_ints(x.shape[-2:]) for x in srcs]
         sizes = [h * w for h, w in shapes]
-        src = torch.cat([flatten_level(x) for x in srcs], 1)
-        lvl_pos = torch.cat([flatten_level(p) + e for p, e in zip(pos, self.level_embed.to(src.dtype))], 1)
-        mask = torch.cat([m.flatten(1) for m in masks], 1)
+        src, mask, lvl_pos = flatten_levels(srcs, masks, pos, self.level_embed)
         memory = self.encoder(src, lvl_pos, mask, sizes)
         record = None
         if self.record_intermediates:
