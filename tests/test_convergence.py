@@ -154,3 +154,21 @@ def test_replot_from_json(study):
     assert tool.main(["--replot", "--output", str(out)]) == 0
     assert (out / "curves.png").stat().st_size > 10_000
     assert "| DETR |" in (out / "table.md").read_text()
+
+
+def test_merge_runs_trained_in_parallel(study, tmp_path):
+    tool, out, _ = study
+    data = json.loads((out / "curves.json").read_text())
+    for group, runs in (("a", ["detr", "detr@7"]), ("b", ["smca_ms"])):
+        part = dict(data, models={r: data["models"][r] for r in runs}, pieces=data["pieces"][:1])
+        (tmp_path / group).mkdir()
+        (tmp_path / group / "curves.json").write_text(json.dumps(part))
+    merged_dir = tmp_path / "merged"
+    assert tool.main(["--replot", "--merge", str(tmp_path / "a" / "curves.json"), str(tmp_path / "b" / "curves.json"),
+                      "--output", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "curves.json").read_text())
+    assert merged["models"] == data["models"]
+    assert [pc["group"] for pc in merged["pieces"]] == ["a", "b"]
+    assert "1. [a]" in (merged_dir / "table.md").read_text()
+    with pytest.raises(ValueError, match="more than one file"):
+        tool.merge_curves([str(tmp_path / "a" / "curves.json")] * 2)

@@ -85,6 +85,9 @@ def parse_args(argv=None):
                     help="a remark printed under 'Run notes' in table.md (kept in curves.json; '' removes it)")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw curves.png and table.md from the curves.json in --output (no training)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="CURVES_JSON",
+                    help="with --replot: combine these curves.json files (e.g. groups of runs trained in parallel, "
+                         "one process each) into --output/curves.json first; a run may appear in one file only")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model: KEY VALUE ...")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -141,6 +144,23 @@ def load_curves(path):
         data = json.load(f)
     if data.get("version") != CURVES_VERSION or not isinstance(data.get("models"), dict):
         raise ValueError(f"{path}: not a curves.json of version {CURVES_VERSION}; move it away or pass another --output")
+    return data
+
+
+def merge_curves(paths):
+    """One curves.json from several (runs trained by separate processes): runs and pieces together,
+    settings and hardware of the first, the union of the requested runs."""
+    parts = [load_curves(p) for p in paths]
+    data = {"version": CURVES_VERSION, "models": {}, "pieces": [],
+            "settings": dict(parts[0].get("settings", {})), "hardware": parts[0].get("hardware", {})}
+    for path, part in zip(paths, parts):
+        for run, entry in part["models"].items():
+            if run in data["models"]:
+                raise ValueError(f"--merge: run {run!r} is in more than one file ({path})")
+            data["models"][run] = entry
+        group = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        data["pieces"] += [dict(pc, group=group) for pc in part.get("pieces", [])]
+    data["settings"]["models"] = list(data["models"])
     return data
 
 
@@ -530,7 +550,8 @@ def write_table(path, data, thresholds):
                 "start, wall hours, chunks trained (run: from -> to iteration).", ""]
         for k, pc in enumerate(pieces, 1):
             chunks = ", ".join(pc.get("chunks", [])) or "none"
-            out.append(f"{k}. {pc.get('started', '?')}, {pc.get('seconds', 0) / 3600:.2f} h, "
+            group = f" [{pc['group']}]" if pc.get("group") else ""
+            out.append(f"{k}.{group} {pc.get('started', '?')}, {pc.get('seconds', 0) / 3600:.2f} h, "
                        f"{pc.get('stopped', '?')}: {chunks}")
         out.append("")
     out.append("## AP / AP50 at each evaluation point")
@@ -653,6 +674,9 @@ def write_outputs(out_dir, data, thresholds, plot=True):
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
+        if args.merge:
+            os.makedirs(args.output, exist_ok=True)
+            save_json_atomic(os.path.join(args.output, "curves.json"), merge_curves(args.merge))
         data = load_curves(os.path.join(args.output, "curves.json"))
         if args.note is not None:
             data.setdefault("settings", {})["note"] = args.note
