@@ -20,7 +20,6 @@ unscales the gradients first and then calls ``opt.step()``, so the norm is taken
 that unscale (it advertises ``_step_supports_amp_scaling`` and unscales inside its kernel, after our
 clipping); every clipping optimizer turns that off (``unscale_before_step``), whatever the clip type.
 """
-import inspect
 import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Type
@@ -166,9 +165,6 @@ def _fused_kwargs(cls: Type[torch.optim.Optimizer], groups: List[dict], wanted: 
     """``{"fused": True}`` when ``cls`` (Adam / AdamW) takes it and every parameter lives on a device
     and dtype whose fused kernel exists in this PyTorch; else ``{}`` (the per-tensor loop)."""
     if not wanted or not issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
-        return {}
-    base = next(c for c in cls.__mro__ if c in (torch.optim.Adam, torch.optim.AdamW))  # past our wrappers
-    if "fused" not in inspect.signature(base.__init__).parameters:
         return {}
     foreach_utils = getattr(torch.utils, "_foreach_utils", None)
     supported = getattr(foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
