@@ -9,12 +9,19 @@ import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
            "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone",
-           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet"]
+           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet", "describe_keys"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
 _PER_LAYER_CLASS_HEAD = re.compile(r"^heads\.class_embed\.(\d+)\.(weight|bias)$")
 _TORCHVISION_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
 _TORCHVISION_RESNET_MARKERS = ("conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "fc.weight")
+
+
+def describe_keys(keys: Iterable[str], limit: int) -> str:
+    """The first ``limit`` of ``keys`` (sorted), comma-separated, then how many more there are."""
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def rename_official_backbone_key(key: str) -> Optional[str]:
