@@ -26,7 +26,8 @@ from .modeling.meta_arch import topk_detections
 
 
 __all__ = ["OPSET", "ExportError", "OnnxDetector", "check_exportable", "export_onnx", "OnnxPredictor",
-           "OnnxRuntimeModel", "instances_from_outputs", "prepare_image", "resize_image", "resized_shape"]
+           "OnnxRuntimeModel", "instances_from_outputs", "network_image", "prepare_image", "resize_image",
+           "resized_shape"]
 
 # Opset 17: the first with LayerNormalization as a single standard operator (smaller, faster graph
 # in ONNX Runtime), supported by every ONNX Runtime since 1.14; nothing newer is needed.
@@ -101,6 +102,16 @@ def resize_image(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
     if (nh, nw) == (h, w):
         return image
     return T.ResizeTransform(h, w, nh, nw).apply_image(image)
+
+
+def network_image(image, input_format: str, model_format: str, min_size: int, max_size: int):
+    """``image`` through :func:`prepare_image`, in the model's channel order ``model_format``, test
+    resized: ``(HxWx3 array, height, width of the given image)`` (both predictors' input)."""
+    image = prepare_image(image, input_format)
+    if model_format == "BGR":
+        image = image[:, :, ::-1]
+    h, w = image.shape[:2]
+    return resize_image(np.ascontiguousarray(image), min_size, max_size), h, w
 
 
 # ----------------------------------------------------------------------------------- the graph
@@ -235,7 +246,6 @@ class OnnxPredictor:
         self.path = os.fspath(path)
         self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY, "{}"))
-        self.meta = meta
         self.input_format = cfg.INPUT.FORMAT if cfg is not None else meta.get("input_format", "BGR")
         self.min_size = int(cfg.INPUT.MIN_SIZE_TEST) if cfg is not None else int(meta.get("min_size_test", 0))
         self.max_size = int(cfg.INPUT.MAX_SIZE_TEST) if cfg is not None else int(meta.get("max_size_test", 0))
@@ -256,13 +266,8 @@ class OnnxPredictor:
             from .utils.images import read_image
 
             image, input_format = read_image(image, format="RGB"), "RGB"
-        image = prepare_image(image, input_format)
-        if self.input_format == "BGR":
-            image = image[:, :, ::-1]
-        h, w = image.shape[:2]
-        image = resize_image(np.ascontiguousarray(image), self.min_size, self.max_size)
-        x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-        return x, h, w
+        image, h, w = network_image(image, input_format, self.input_format, self.min_size, self.max_size)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32), h, w
 
     def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """Raw graph outputs for a ``[B,3,H,W]`` float32 network input."""
