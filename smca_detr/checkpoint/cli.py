@@ -90,7 +90,7 @@ FAMILIES: Dict[str, ConverterFamily] = {
         author="official SMCA-DETR (converted by smca_detr)",
         keep_all_classes_help="keep all 92 official class rows instead of the 80 COCO classes",
         summary=_summary_smca, detect_kind=detect_smca_kind, implied_config=official_args_summary,
-        kinds=lambda: f"one of {sorted(SMCA_CONVERSION_RULES)} or a registered one"),
+        kinds=lambda: f"one of {sorted(SMCA_CONVERSION_RULES)}"),
     "conditional": ConverterFamily(
         author="smca_detr convert_conditional_detr",
         keep_all_classes_help="keep all official class logits instead of the 80 COCO classes",
