@@ -119,9 +119,9 @@ class TransformerEncoderLayer(FFNMixin, nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Stack of encoder layers (DETR's, or Deformable DETR's); a final LayerNorm only with pre-norm
-    (official convention). ``forward(src, *args)`` passes ``args`` (DETR: pos, key_padding_mask) to
-    every layer."""
+    """Stack of encoder layers (DETR's, Deformable DETR's, the SMCA conv multi-scale one); a final
+    LayerNorm only with pre-norm (official convention). ``forward(src, *args)`` passes ``args`` (DETR:
+    pos, key_padding_mask) to every layer."""
 
     def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
         super().__init__()
