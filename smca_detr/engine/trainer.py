@@ -108,37 +108,24 @@ class TrainLoop(SimpleTrainer):
         self.grad_scaler = grad_scaler
         self.seed = seed
 
-    # data ---------------------------------------------------------------------------------------
-    def next_batch(self):
-        if self._smca_data_iter is None:
-            self._smca_data_iter = iter(self.data_loader)
-        return next(self._smca_data_iter)
-
     def reset_data_iter(self):
         """Forget the current data iterator; the next step starts a new one (e.g. after the sampler
         was told to skip the data of finished iterations)."""
         self._smca_data_iter = None
 
-    def reset_data_loader(self, data_loader_builder):
-        self.data_loader = data_loader_builder()
-        self._smca_data_iter = None
-
-    # step ---------------------------------------------------------------------------------------
-    def autocast(self):
-        if self.precision is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.precision)
-
     def run_step(self):
         assert self.model.training, "[smca_detr TrainLoop] model was changed to eval mode!"
         start = time.perf_counter()
         _injected_failure(self.iter)
-        data = self.next_batch()
+        if self._smca_data_iter is None:
+            self._smca_data_iter = iter(self.data_loader)
+        data = next(self._smca_data_iter)
         data_time = time.perf_counter() - start
         if self.seed is not None:
             seed_all(derive_seed(self.seed, ITERATION_DOMAIN, comm.get_rank(), self.iter))
 
-        with self.autocast():
+        with (contextlib.nullcontext() if self.precision is None
+              else torch.autocast(device_type=self.device_type, dtype=self.precision)):
             loss_dict = self.model(data)
         losses = sum(loss_dict.values())
 
@@ -266,7 +253,8 @@ class Trainer(DefaultTrainer):
                 cfg.freeze()
                 self.cfg = cfg
                 self._trainer.seed = cfg.SEED
-                self._trainer.reset_data_loader(lambda: self.build_train_loader(cfg))
+                self._trainer.data_loader = self.build_train_loader(cfg)
+                self._trainer.reset_data_iter()
             else:
                 logger.warning(f"The checkpoint was trained with SEED {seed}, this run has SEED {self.cfg.SEED}: "
                                "the resumed run continues with other random streams.")
