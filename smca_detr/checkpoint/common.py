@@ -83,9 +83,10 @@ def remap_class_rows(state_dict: Dict[str, torch.Tensor], keys: Iterable[str],
             state_dict[k] = state_dict[k].index_select(0, rows).clone()
 
 
-def remap_coco_classes(state_dict: Dict[str, torch.Tensor], keys: Sequence[str]) -> None:
-    """``remap_class_rows`` to detectron2's 80 COCO classes; ValueError when the class head has too few
-    rows to be an official COCO head."""
+def remap_coco_classes(state_dict: Dict[str, torch.Tensor],
+                       keys: Sequence[str] = ("heads.class_embed.weight", "heads.class_embed.bias")) -> None:
+    """``remap_class_rows`` to detectron2's 80 COCO classes (``keys``: by default the one shared class
+    head); ValueError when the class head has too few rows to be an official COCO head."""
     columns = coco_official_columns()
     rows = [state_dict[k].shape[0] for k in keys if k in state_dict]
     if rows and max(rows) <= max(columns):

@@ -23,7 +23,7 @@ from .common import apply_renames, remap_coco_classes
 from .safe_load import safe_torch_load
 from .smca_multiscale import SMCA_CONV_MULTISCALE_KIND, SMCA_CONV_MULTISCALE_RULES, is_official_smca_multiscale
 
-__all__ = ["SMCA_CONVERSION_RULES", "SMCA_CLASS_KEYS", "detect_smca_kind", "split_official_checkpoint",
+__all__ = ["SMCA_CONVERSION_RULES", "detect_smca_kind", "split_official_checkpoint",
            "convert_official_smca", "official_args_summary"]
 
 Rules = List[Tuple[str, str]]
@@ -48,10 +48,6 @@ SMCA_CONVERSION_RULES: Dict[str, Rules] = {
     ],
     SMCA_CONV_MULTISCALE_KIND: _HEAD_RULES + SMCA_CONV_MULTISCALE_RULES,
 }
-
-# Our class-head tensors whose rows are official class columns.
-SMCA_CLASS_KEYS = ["heads.class_embed.weight", "heads.class_embed.bias"]
-
 
 def detect_smca_kind(state_dict: Dict[str, torch.Tensor]) -> str:
     """"conv_multi_scale" for an official "new multi-scale" state dict, "single_scale" otherwise."""
@@ -90,7 +86,7 @@ def convert_official_smca(state_dict: Union[Dict, str, os.PathLike], keep_all_cl
         raise KeyError(f"unknown SMCA checkpoint kind {kind!r}; known: {sorted(SMCA_CONVERSION_RULES)}")
     out = apply_renames(sd, SMCA_CONVERSION_RULES[kind])
     if not keep_all_classes:
-        remap_coco_classes(out, SMCA_CLASS_KEYS)
+        remap_coco_classes(out)
     return out
 
 
