@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -172,24 +172,21 @@ def _metadata(model, cfg) -> Dict[str, str]:
     return {_META_KEY: json.dumps(meta)}
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], cfg=None,
-                sample_size: Optional[Tuple[int, int]] = None) -> str:
+def export_onnx(model: nn.Module, path: Union[str, os.PathLike], cfg=None) -> str:
     """Export ``model`` (an eval-mode ``SmcaDetrDetector``) to the ONNX file ``path``; returns it.
 
     Args:
         cfg: the model's config (default ``model.cfg`` when set): its test resize, channel order and
             class names are stored in the file's metadata for :class:`OnnxPredictor`.
-        sample_size: (h, w) of the dummy image traced. Default: one pixel more than a multiple of
-            the size divisibility in both sides, so that the recorded graph contains the padding path
-            (height and width are dynamic either way).
     """
     import onnx
 
     check_exportable(model)
     cfg = cfg if cfg is not None else getattr(model, "cfg", None)
     d = max(1, int(model.backbone.size_divisibility))
-    if sample_size is None:
-        sample_size = (2 * d + 1 if d > 1 else 65, 3 * d + 1 if d > 1 else 97)
+    # the traced dummy image is one pixel more than a multiple of the size divisibility in both
+    # sides, so that the recorded graph contains the padding path (height and width are dynamic)
+    sample_size = (2 * d + 1 if d > 1 else 65, 3 * d + 1 if d > 1 else 97)
     g = torch.Generator().manual_seed(0)
     dummy = torch.rand((1, 3, *sample_size), generator=g) * 255
     dummy = dummy.to(model.pixel_mean.device)
@@ -220,7 +217,6 @@ class OnnxPredictor:
     Args:
         path: the ``.onnx`` file written by :func:`export_onnx`.
         cfg: optional config overriding the test resize / channel order stored in the file.
-        providers: ONNX Runtime execution providers (default CPU).
         threads: intra-op threads (default: ONNX Runtime's choice); when given, idle threads sleep
             instead of spin-waiting (fair timing next to other work).
         profile: file prefix of ONNX Runtime's operator profile (``session.end_profiling()``).
@@ -231,8 +227,7 @@ class OnnxPredictor:
     warning) - see :func:`prepare_image`.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], cfg=None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: Optional[int] = None, profile: str = ""):
+    def __init__(self, path: Union[str, os.PathLike], cfg=None, threads: Optional[int] = None, profile: str = ""):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -244,7 +239,7 @@ class OnnxPredictor:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
         self.path = os.fspath(path)
-        self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY, "{}"))
         self.input_format = cfg.INPUT.FORMAT if cfg is not None else meta.get("input_format", "BGR")
         self.min_size = int(cfg.INPUT.MIN_SIZE_TEST) if cfg is not None else int(meta.get("min_size_test", 0))
