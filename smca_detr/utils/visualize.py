@@ -66,8 +66,9 @@ def draw_instances(image_rgb: np.ndarray, instances, metadata=None, threshold: f
 
 def draw_boxes(image_rgb: np.ndarray, instances, class_names: Optional[Sequence[str]] = None,
                scale: float = 1.0) -> np.ndarray:
-    """Boxes with "class score" labels on ``image_rgb`` (matplotlib Agg), the same picture size as
-    detectron2's ``Visualizer`` (image size times ``scale``). Returns RGB uint8."""
+    """Predicted boxes (``instances``: ``pred_boxes``, ``scores``, ``pred_classes``) with "class score"
+    labels on ``image_rgb`` (matplotlib Agg), the same picture size as detectron2's ``Visualizer``
+    (image size times ``scale``). Returns RGB uint8."""
     import matplotlib
     from matplotlib.patches import Rectangle
 
@@ -77,21 +78,14 @@ def draw_boxes(image_rgb: np.ndarray, instances, class_names: Optional[Sequence[
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
     ax.imshow(image_rgb, extent=(0, w, h, 0), interpolation="bilinear")
-    boxes = instances.pred_boxes.tensor.numpy() if instances.has("pred_boxes") else np.zeros((0, 4))
-    scores = instances.scores.numpy() if instances.has("scores") else None
-    classes = instances.pred_classes.numpy() if instances.has("pred_classes") else None
     colors = list(matplotlib.colormaps["tab10"].colors)
     font = max(6.0, min(12.0, 0.02 * max(h, w) * scale))
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        c = int(classes[i]) if classes is not None else 0
+    for (x0, y0, x1, y1), score, c in zip(instances.pred_boxes.tensor.numpy(), instances.scores.numpy(),
+                                          instances.pred_classes.tolist()):
         color = colors[c % len(colors)]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
-        if class_names is not None and 0 <= c < len(class_names):
-            name = class_names[c]
-        else:
-            name = str(c) if classes is not None else ""
-        text = f"{name} {scores[i] * 100:.0f}%" if scores is not None else name
-        ax.text(x0, y0, text, color="white", fontsize=font, va="bottom", ha="left",
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+        ax.text(x0, y0, f"{name} {score * 100:.0f}%", color="white", fontsize=font, va="bottom", ha="left",
                 bbox=dict(facecolor=color, alpha=0.7, pad=1.0, linewidth=0))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
