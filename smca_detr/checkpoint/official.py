@@ -25,7 +25,7 @@ from .common import (coco_official_columns, convert_torchvision_resnet, describe
 
 __all__ = ["OfficialFormat", "OfficialCheckpointError", "OFFICIAL_FORMATS",
            "is_official_layout", "detect_official_format", "official_state_dict", "convert_official_checkpoint",
-           "convert_if_official", "load_official_checkpoint", "COCO_NUM_CLASSES", "is_coco_classes"]
+           "convert_if_official", "COCO_NUM_CLASSES", "is_coco_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +264,6 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     return converted, info
 
 
-def _model_softmax(model: torch.nn.Module) -> bool:
-    return not bool(getattr(model, "focal", True))
-
-
 def convert_if_official(checkpoint, model: torch.nn.Module, *, thing_classes: Optional[Sequence[str]] = None,
                         log: Optional[logging.Logger] = None):
     """The checkpointer hook: an official checkpoint becomes ``{"model": converted}`` (its optimizer,
@@ -285,21 +281,6 @@ def convert_if_official(checkpoint, model: torch.nn.Module, *, thing_classes: Op
     if fmt is None:
         return checkpoint
     converted, info = convert_official_checkpoint(checkpoint, model.state_dict(), thing_classes=thing_classes,
-                                                  softmax=_model_softmax(model), fmt=fmt, log=log)
+                                                  softmax=not getattr(model, "focal", True), fmt=fmt, log=log)
     return {"model": converted, "__official_format__": info["format"]}
 
-
-def load_official_checkpoint(model: torch.nn.Module, path: str, *,
-                             thing_classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Download (URLs through detectron2's PathManager), convert and strictly load an official
-    checkpoint into ``model``. Returns the info dict of :func:`convert_official_checkpoint`."""
-    from detectron2.utils.file_io import PathManager
-
-    from .safe_load import safe_torch_load
-
-    local = PathManager.get_local_path(path)
-    checkpoint = safe_torch_load(local, map_location="cpu")
-    converted, info = convert_official_checkpoint(checkpoint, model.state_dict(), thing_classes=thing_classes,
-                                                  softmax=_model_softmax(model))
-    model.load_state_dict(converted, strict=True)
-    return info
