@@ -29,12 +29,6 @@ def config_from_args(args):
     return cfg
 
 
-def _set_default(node, key, value):
-    """Add ``key`` unless detectron2 already defines it (newer detectron2 has more keys than v0.6)."""
-    if key not in node:
-        node[key] = value
-
-
 def add_smca_detr_config(cfg):
     """Add every smca_detr key to ``cfg`` (a detectron2 CfgNode) in place and return it."""
     cfg.MODEL.META_ARCHITECTURE = "SmcaDetrDetector"
@@ -198,6 +192,7 @@ def add_smca_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     # Autocast dtype when SOLVER.AMP.ENABLED: "float16" (with GradScaler) | "bfloat16" (no scaler;
-    # also works on CPU). Matcher and losses always run in float32.
-    _set_default(cfg.SOLVER.AMP, "PRECISION", "float16")
+    # also works on CPU). Matcher and losses always run in float32. (Newer detectron2 defines it.)
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = "float16"
     return cfg

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from .modeling.meta_arch import topk_detections
 
 
 __all__ = ["OPSET", "ExportError", "OnnxDetector", "check_exportable", "export_onnx", "OnnxPredictor",
-           "OnnxRuntimeModel", "instances_from_outputs", "prepare_image", "resize_image", "resized_shape"]
+           "OnnxRuntimeModel", "instances_from_outputs", "network_image", "prepare_image", "resize_image",
+           "resized_shape"]
 
 # Opset 17: the first with LayerNormalization as a single standard operator (smaller, faster graph
 # in ONNX Runtime), supported by every ONNX Runtime since 1.14; nothing newer is needed.
@@ -103,6 +104,16 @@ def resize_image(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
     return T.ResizeTransform(h, w, nh, nw).apply_image(image)
 
 
+def network_image(image, input_format: str, model_format: str, min_size: int, max_size: int):
+    """``image`` through :func:`prepare_image`, in the model's channel order ``model_format``, test
+    resized: ``(HxWx3 array, height, width of the given image)`` (both predictors' input)."""
+    image = prepare_image(image, input_format)
+    if model_format == "BGR":
+        image = image[:, :, ::-1]
+    h, w = image.shape[:2]
+    return resize_image(np.ascontiguousarray(image), min_size, max_size), h, w
+
+
 # ----------------------------------------------------------------------------------- the graph
 class OnnxDetector(nn.Module):
     """The exported computation: raw ``[B,3,H,W]`` images (0..255, model channel order) ->
@@ -161,24 +172,21 @@ def _metadata(model, cfg) -> Dict[str, str]:
     return {_META_KEY: json.dumps(meta)}
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], cfg=None,
-                sample_size: Optional[Tuple[int, int]] = None) -> str:
+def export_onnx(model: nn.Module, path: Union[str, os.PathLike], cfg=None) -> str:
     """Export ``model`` (an eval-mode ``SmcaDetrDetector``) to the ONNX file ``path``; returns it.
 
     Args:
         cfg: the model's config (default ``model.cfg`` when set): its test resize, channel order and
             class names are stored in the file's metadata for :class:`OnnxPredictor`.
-        sample_size: (h, w) of the dummy image traced. Default: one pixel more than a multiple of
-            the size divisibility in both sides, so that the recorded graph contains the padding path
-            (height and width are dynamic either way).
     """
     import onnx
 
     check_exportable(model)
     cfg = cfg if cfg is not None else getattr(model, "cfg", None)
     d = max(1, int(model.backbone.size_divisibility))
-    if sample_size is None:
-        sample_size = (2 * d + 1 if d > 1 else 65, 3 * d + 1 if d > 1 else 97)
+    # the traced dummy image is one pixel more than a multiple of the size divisibility in both
+    # sides, so that the recorded graph contains the padding path (height and width are dynamic)
+    sample_size = (2 * d + 1 if d > 1 else 65, 3 * d + 1 if d > 1 else 97)
     g = torch.Generator().manual_seed(0)
     dummy = torch.rand((1, 3, *sample_size), generator=g) * 255
     dummy = dummy.to(model.pixel_mean.device)
@@ -209,7 +217,6 @@ class OnnxPredictor:
     Args:
         path: the ``.onnx`` file written by :func:`export_onnx`.
         cfg: optional config overriding the test resize / channel order stored in the file.
-        providers: ONNX Runtime execution providers (default CPU).
         threads: intra-op threads (default: ONNX Runtime's choice); when given, idle threads sleep
             instead of spin-waiting (fair timing next to other work).
         profile: file prefix of ONNX Runtime's operator profile (``session.end_profiling()``).
@@ -220,8 +227,7 @@ class OnnxPredictor:
     warning) - see :func:`prepare_image`.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], cfg=None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: Optional[int] = None, profile: str = ""):
+    def __init__(self, path: Union[str, os.PathLike], cfg=None, threads: Optional[int] = None, profile: str = ""):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -233,9 +239,8 @@ class OnnxPredictor:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
         self.path = os.fspath(path)
-        self.session = ort.InferenceSession(self.path, opts, providers=list(providers))
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY, "{}"))
-        self.meta = meta
         self.input_format = cfg.INPUT.FORMAT if cfg is not None else meta.get("input_format", "BGR")
         self.min_size = int(cfg.INPUT.MIN_SIZE_TEST) if cfg is not None else int(meta.get("min_size_test", 0))
         self.max_size = int(cfg.INPUT.MAX_SIZE_TEST) if cfg is not None else int(meta.get("max_size_test", 0))
@@ -256,13 +261,8 @@ class OnnxPredictor:
             from .utils.images import read_image
 
             image, input_format = read_image(image, format="RGB"), "RGB"
-        image = prepare_image(image, input_format)
-        if self.input_format == "BGR":
-            image = image[:, :, ::-1]
-        h, w = image.shape[:2]
-        image = resize_image(np.ascontiguousarray(image), self.min_size, self.max_size)
-        x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-        return x, h, w
+        image, h, w = network_image(image, input_format, self.input_format, self.min_size, self.max_size)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32), h, w
 
     def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         """Raw graph outputs for a ``[B,3,H,W]`` float32 network input."""

@@ -160,15 +160,13 @@ def _loaders(tiny_model):
     yield "safe_torch_load", safe_torch_load, ("torch", "torch_legacy", "pickle")
     yield "MODEL.WEIGHTS", checkpointer, ("torch", "torch_legacy", "pickle")
     # the library entry points of the official-checkpoint converters that take a path
-    for module, func in (("official", "load_official_checkpoint"), ("smca", "split_official_checkpoint"),
-                         ("smca_multiscale", "convert_official_smca_multiscale"),
+    for module, func in (("smca", "split_official_checkpoint"), ("smca_multiscale", "convert_official_smca_multiscale"),
                          ("conditional", "convert_official_conditional_detr")):
         if importlib.util.find_spec(f"smca_detr.checkpoint.{module}") is None:
             continue
         fn = getattr(importlib.import_module(f"smca_detr.checkpoint.{module}"), func, None)
         if fn is not None:
-            load = (lambda p, fn=fn: fn(tiny_model, p)) if func == "load_official_checkpoint" else fn
-            yield f"checkpoint.{module}.{func}", load, ("torch",)
+            yield f"checkpoint.{module}.{func}", fn, ("torch",)
     for script in ("convert_smca_detr", "convert_conditional_detr", "convert_deformable_detr",
                    "compact_parity_fixture"):
         if os.path.isfile(os.path.join(REPO, "tools", f"{script}.py")):

@@ -1,11 +1,17 @@
 """Fast CPU dropout (smca_detr/layers/dropout.py): same distribution, scale and gradient as F.dropout."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smca_detr.layers.dropout import Dropout, dropout, keep_mask
+from smca_detr.layers.dropout import CHUNK, Dropout, dropout, scale_mask
+
+
+def keep_mask(shape, p):
+    """The kept elements of the fast dropout's mask (float64: exact 0 / 1 / (1 - p) values)."""
+    return scale_mask(shape, p, torch.float64) != 0
 
 
 def test_eval_and_p0_are_identity_p1_zeroes():
@@ -44,11 +50,9 @@ def test_mask_is_seeded_by_torch_and_independent_across_calls():
     assert abs(corr) < 0.02
 
 
-def test_mask_does_not_depend_on_thread_count_and_both_masks_agree():
-    """Chunks are seeded by (seed, chunk index): 1 or 2 threads give the same mask; the float scale
-    mask keeps exactly the elements of the bool mask drawn from the same RNG state."""
-    from smca_detr.layers.dropout import CHUNK, scale_mask
-
+def test_mask_does_not_depend_on_thread_count():
+    """Chunks are seeded by (seed, chunk index): 1 or 2 threads give the same mask, of the two values
+    0 and 1 / (1 - p)."""
     shape = (3, CHUNK // 2 + 7)  # 1.5 chunks: one full, one partial
     prev = torch.get_num_threads()
     masks = []
@@ -56,14 +60,11 @@ def test_mask_does_not_depend_on_thread_count_and_both_masks_agree():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             torch.manual_seed(3)
-            masks.append(keep_mask(shape, 0.3))
+            masks.append(scale_mask(shape, 0.3, torch.float64))
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(masks[0], masks[1])
-    torch.manual_seed(3)
-    scaled = scale_mask(shape, 0.3, torch.float64)
-    assert torch.equal(scaled != 0, masks[0])
-    assert set(scaled.unique().tolist()) == {0.0, 1 / 0.7}
+    assert set(masks[0].unique().tolist()) == {0.0, 1 / 0.7}
     # the two chunks are different streams (not the same chunk repeated)
     flat = masks[0].flatten()
     assert not torch.equal(flat[:1000], flat[CHUNK:CHUNK + 1000])
@@ -71,7 +72,7 @@ def test_mask_does_not_depend_on_thread_count_and_both_masks_agree():
 
 def _mask_sum_in_child(queue):
     # no torch parallel op here: OpenMP itself is not fork-safe (a torch limitation, not ours)
-    queue.put(int(keep_mask((3 * (1 << 20),), 0.5).numpy().sum()))
+    queue.put(int(np.count_nonzero(scale_mask((3 * (1 << 20),), 0.5).numpy())))
 
 
 def test_dropout_works_in_a_forked_child_after_the_parent_used_the_pool():
@@ -83,7 +84,7 @@ def test_dropout_works_in_a_forked_child_after_the_parent_used_the_pool():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        keep_mask((3 * (1 << 20),), 0.5)  # parent's pool exists now
+        scale_mask((3 * (1 << 20),), 0.5)  # parent's pool exists now
         ctx = mp.get_context("fork")
         queue = ctx.Queue()
         child = ctx.Process(target=_mask_sum_in_child, args=(queue,))

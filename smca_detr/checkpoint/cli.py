@@ -38,14 +38,11 @@ def num_class_logits(state_dict: Mapping[str, torch.Tensor]) -> int:
 def verify_with_config(state_dict, config: str, opts: Sequence[str] = (), keep_all_classes: bool = False):
     """Build the model of ``config`` (+ ``opts``) on CPU and load ``state_dict`` strictly into it
     (``NUM_CLASSES`` follows the head when ``keep_all_classes``). Returns the config."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from smca_detr.config import add_smca_detr_config
+    from ..model_zoo import get_config
 
-    cfg = add_smca_detr_config(get_cfg())
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(list(opts))
+    cfg = get_config(config, list(opts))
     if keep_all_classes:
         cfg.MODEL.SMCA_DETR.NUM_CLASSES = num_class_logits(state_dict)
     cfg.MODEL.WEIGHTS = ""
@@ -90,7 +87,7 @@ FAMILIES: Dict[str, ConverterFamily] = {
         author="official SMCA-DETR (converted by smca_detr)",
         keep_all_classes_help="keep all 92 official class rows instead of the 80 COCO classes",
         summary=_summary_smca, detect_kind=detect_smca_kind, implied_config=official_args_summary,
-        kinds=lambda: f"one of {sorted(SMCA_CONVERSION_RULES)} or a registered one"),
+        kinds=lambda: f"one of {sorted(SMCA_CONVERSION_RULES)}"),
     "conditional": ConverterFamily(
         author="smca_detr convert_conditional_detr",
         keep_all_classes_help="keep all official class logits instead of the 80 COCO classes",

@@ -9,12 +9,19 @@ import torch
 
 __all__ = ["rename_official_backbone_key", "coco_official_columns", "remap_class_rows",
            "objectness_head_keys", "objectness_head_note", "objectness_rows", "convert_backbone",
-           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet"]
+           "apply_renames", "is_torchvision_resnet", "convert_torchvision_resnet", "describe_keys"]
 
 _BACKBONE_PREFIX = re.compile(r"^backbone\.0\.body\.")
 _PER_LAYER_CLASS_HEAD = re.compile(r"^heads\.class_embed\.(\d+)\.(weight|bias)$")
 _TORCHVISION_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
 _TORCHVISION_RESNET_MARKERS = ("conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "fc.weight")
+
+
+def describe_keys(keys: Iterable[str], limit: int) -> str:
+    """The first ``limit`` of ``keys`` (sorted), comma-separated, then how many more there are."""
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def rename_official_backbone_key(key: str) -> Optional[str]:
@@ -76,9 +83,10 @@ def remap_class_rows(state_dict: Dict[str, torch.Tensor], keys: Iterable[str],
             state_dict[k] = state_dict[k].index_select(0, rows).clone()
 
 
-def remap_coco_classes(state_dict: Dict[str, torch.Tensor], keys: Sequence[str]) -> None:
-    """``remap_class_rows`` to detectron2's 80 COCO classes; ValueError when the class head has too few
-    rows to be an official COCO head."""
+def remap_coco_classes(state_dict: Dict[str, torch.Tensor],
+                       keys: Sequence[str] = ("heads.class_embed.weight", "heads.class_embed.bias")) -> None:
+    """``remap_class_rows`` to detectron2's 80 COCO classes (``keys``: by default the one shared class
+    head); ValueError when the class head has too few rows to be an official COCO head."""
     columns = coco_official_columns()
     rows = [state_dict[k].shape[0] for k in keys if k in state_dict]
     if rows and max(rows) <= max(columns):

@@ -31,8 +31,6 @@ CONDITIONAL_RENAMES = [
     (r"^bbox_embed\.", "heads.bbox_embed."),
 ]
 
-CLASS_KEYS = ("heads.class_embed.weight", "heads.class_embed.bias")
-
 logger = logging.getLogger(__name__)
 
 
@@ -61,5 +59,5 @@ def convert_official_conditional_detr(state_dict: Union[Mapping, str, os.PathLik
     sd, _ = split_official_checkpoint(state_dict)
     out = apply_renames(_drop_unused_query_scale(sd), CONDITIONAL_RENAMES)
     if not keep_all_classes:
-        remap_coco_classes(out, CLASS_KEYS)
+        remap_coco_classes(out)
     return out

@@ -20,12 +20,13 @@ Files are read by :func:`~smca_detr.checkpoint.safe_load.load_checkpoint_file` b
 """
 import logging
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
+from fvcore.common.checkpoint import _filter_reused_missing_keys
 from torch import nn
 
-from .common import objectness_head_keys, objectness_head_note, objectness_rows
+from .common import describe_keys, objectness_head_keys, objectness_head_note, objectness_rows
 
 __all__ = ["CheckpointMismatchError", "is_class_head_key", "load_model_strictly"]
 
@@ -54,12 +55,6 @@ def _num_classes(logits: int, focal: Optional[bool]) -> str:
     return f"{classes} classes ({logits} logits)"
 
 
-def _fmt(keys: List[str], limit: int = 20) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[[Dict], Any],
                         source: Optional[str] = None):
     """The body of ``SmcaDetrCheckpointer._load_model``: ``base_load`` (detectron2's non-strict
@@ -76,8 +71,6 @@ def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[
     agnostic_keys = set(objectness_head_keys(model.state_dict()))
     objectness = {_strip_ddp(k): v for k, v in checkpoint.get("model", {}).items() if _strip_ddp(k) in agnostic_keys}
     incompatible = base_load(checkpoint)
-    if incompatible is None:
-        return None
     focal = getattr(model, "focal", None)
 
     class_skipped, bad_shapes = [], []
@@ -90,12 +83,7 @@ def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[
     skipped_keys = {k for k, _, _ in class_skipped}
 
     missing = [k for k in incompatible.missing_keys if k not in skipped_keys]
-    try:  # parameters shared under two names are reported missing under the second name
-        from fvcore.common.checkpoint import _filter_reused_missing_keys
-
-        missing = _filter_reused_missing_keys(model, missing)
-    except ImportError:  # pragma: no cover
-        pass
+    missing = _filter_reused_missing_keys(model, missing)  # shared parameters: missing under the second name
     tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     from_scratch = []
@@ -111,9 +99,9 @@ def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[
         problems.append("shape mismatch (checkpoint vs model): " + "; ".join(
             f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(bad_shapes)))
     if missing:
-        problems.append(f"{len(missing)} model key(s) missing from the checkpoint: {_fmt(missing)}")
+        problems.append(f"{len(missing)} model key(s) missing from the checkpoint: {describe_keys(missing, 20)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_fmt(unexpected)}")
+        problems.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {describe_keys(unexpected, 20)}")
     if problems:
         raise CheckpointMismatchError(
             f"Checkpoint {source} does not match the model (MODEL.SMCA_DETR.* / MODEL.RESNETS.* of the "
@@ -130,7 +118,7 @@ def load_model_strictly(model: nn.Module, checkpoint: Dict, base_load: Callable[
         logger.warning(
             f"Checkpoint {source}: its class head has {_num_classes(shape_ckpt[0], focal)} but the model "
             f"has {_num_classes(shape_model[0], focal)} (MODEL.SMCA_DETR.NUM_CLASSES); not loaded, they "
-            f"keep their initialisation: {_fmt(sorted(skipped_keys - set(agnostic)))}. All other weights "
+            f"keep their initialisation: {describe_keys(skipped_keys - set(agnostic), 20)}. All other weights "
             "were loaded." + objectness_head_note(agnostic, "skipped", shape_ckpt[0], shape_model[0]))
     if from_scratch:
         logger.info(f"Checkpoint {source} initialises the backbone only; {len(from_scratch)} tensors outside "

@@ -4,10 +4,10 @@ of formats, their marker keys and converters, and what happens to the class head
 
 An *official* checkpoint (``{"model": state_dict, "args", ...}`` or a bare state dict) has its heads
 at the top of the module (``class_embed.*``) and a torchvision backbone (``backbone.0.body.*``); ours
-(``heads.*``) are never touched. :data:`OFFICIAL_FORMATS` tells the families apart (more with
-:func:`register_official_format`). The class head is remapped to the 80 COCO classes for a COCO
-model, loaded unchanged for the same row count, else not loaded (ONE warning); the two-stage encoder
-head (objectness in row 0) keeps its first rows (``common.objectness_head_keys``). A torchvision
+(``heads.*``) are never touched. :data:`OFFICIAL_FORMATS` tells the families apart. The class head
+is remapped to the 80 COCO classes for a COCO model, loaded unchanged for the same row count, else
+not loaded (ONE warning); the two-stage encoder head (objectness in row 0) keeps its first rows
+(``common.objectness_head_keys``). A torchvision
 ResNet checkpoint (the ImageNet backbone of the recipes) is converted to ``backbone.body.*``.
 Everything else is strict: a converted key the model lacks, a model key the checkpoint lacks or a
 shape mismatch raises ``OfficialCheckpointError`` (the official model and the config disagree).
@@ -20,12 +20,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .common import (coco_official_columns, convert_torchvision_resnet, is_torchvision_resnet,
+from .common import (coco_official_columns, convert_torchvision_resnet, describe_keys, is_torchvision_resnet,
                      objectness_head_keys, objectness_head_note, objectness_rows, remap_class_rows)
 
-__all__ = ["OfficialFormat", "OfficialCheckpointError", "OFFICIAL_FORMATS", "register_official_format",
+__all__ = ["OfficialFormat", "OfficialCheckpointError", "OFFICIAL_FORMATS",
            "is_official_layout", "detect_official_format", "official_state_dict", "convert_official_checkpoint",
-           "convert_if_official", "load_official_checkpoint", "COCO_NUM_CLASSES", "is_coco_classes"]
+           "convert_if_official", "COCO_NUM_CLASSES", "is_coco_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +95,6 @@ OFFICIAL_FORMATS: List[OfficialFormat] = [
 ]
 
 
-def register_official_format(fmt: OfficialFormat, first: bool = False) -> None:
-    """Add (or replace, by name) an official format; ``first`` puts it before the others."""
-    OFFICIAL_FORMATS[:] = [f for f in OFFICIAL_FORMATS if f.name != fmt.name]
-    if first:
-        OFFICIAL_FORMATS.insert(0, fmt)
-    else:
-        OFFICIAL_FORMATS.append(fmt)
-
-
 # ------------------------------------------------------------------------------------- detection
 
 
@@ -163,21 +154,15 @@ def _class_rows(sd: Mapping[str, torch.Tensor]) -> Optional[int]:
     return rows.pop()
 
 
-def _model_is_coco(model_rows: int, softmax: bool, thing_classes: Optional[Sequence[str]]) -> bool:
-    num_classes = model_rows - 1 if softmax else model_rows
-    if num_classes != COCO_NUM_CLASSES:
+def _model_is_coco(model_rows: int, thing_classes: Optional[Sequence[str]]) -> bool:
+    """Whether a focal class head of ``model_rows`` rows is COCO's: 80 rows, unless the dataset's class
+    names tell otherwise."""
+    if model_rows != COCO_NUM_CLASSES:
         return False
-    # 80 classes: COCO unless the dataset tells otherwise
     return thing_classes is None or len(thing_classes) != COCO_NUM_CLASSES or is_coco_classes(thing_classes)
 
 
 # ------------------------------------------------------------------------------------ conversion
-
-
-def _describe(keys: Sequence[str], n: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch.Tensor], *,
@@ -224,7 +209,7 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
         class_head = "absent"
     elif ckpt_rows == model_rows:
         class_head = "kept"
-    elif (not softmax and _model_is_coco(model_rows, softmax, thing_classes)
+    elif (not softmax and _model_is_coco(model_rows, thing_classes)
           and ckpt_rows > max(coco_official_columns())):
         remap_class_rows(converted, class_keys, coco_official_columns())
         class_head = "remapped"
@@ -256,9 +241,9 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} model keys not in the checkpoint: {_describe(missing)}")
+            parts.append(f"{len(missing)} model keys not in the checkpoint: {describe_keys(missing, 8)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} converted keys the model does not have: {_describe(unexpected)}")
+            parts.append(f"{len(unexpected)} converted keys the model does not have: {describe_keys(unexpected, 8)}")
         if shapes:
             more = " ..." if len(shapes) > 5 else ""
             parts.append(f"{len(shapes)} shape mismatches: {'; '.join(shapes[:5])}{more}")
@@ -279,10 +264,6 @@ def convert_official_checkpoint(checkpoint, model_state_dict: Mapping[str, torch
     return converted, info
 
 
-def _model_softmax(model: torch.nn.Module) -> bool:
-    return not bool(getattr(model, "focal", True))
-
-
 def convert_if_official(checkpoint, model: torch.nn.Module, *, thing_classes: Optional[Sequence[str]] = None,
                         log: Optional[logging.Logger] = None):
     """The checkpointer hook: an official checkpoint becomes ``{"model": converted}`` (its optimizer,
@@ -300,21 +281,6 @@ def convert_if_official(checkpoint, model: torch.nn.Module, *, thing_classes: Op
     if fmt is None:
         return checkpoint
     converted, info = convert_official_checkpoint(checkpoint, model.state_dict(), thing_classes=thing_classes,
-                                                  softmax=_model_softmax(model), fmt=fmt, log=log)
+                                                  softmax=not getattr(model, "focal", True), fmt=fmt, log=log)
     return {"model": converted, "__official_format__": info["format"]}
 
-
-def load_official_checkpoint(model: torch.nn.Module, path: str, *,
-                             thing_classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Download (URLs through detectron2's PathManager), convert and strictly load an official
-    checkpoint into ``model``. Returns the info dict of :func:`convert_official_checkpoint`."""
-    from detectron2.utils.file_io import PathManager
-
-    from .safe_load import safe_torch_load
-
-    local = PathManager.get_local_path(path)
-    checkpoint = safe_torch_load(local, map_location="cpu")
-    converted, info = convert_official_checkpoint(checkpoint, model.state_dict(), thing_classes=thing_classes,
-                                                  softmax=_model_softmax(model))
-    model.load_state_dict(converted, strict=True)
-    return info

@@ -16,14 +16,12 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import torch
 
 __all__ = ["safe_torch_load", "safe_pickle_load", "load_checkpoint_file", "UnsafeCheckpointError",
            "ALLOWED_GLOBALS", "SAFE_PICKLE_GLOBALS"]
-
-logger = logging.getLogger(__name__)
 
 # Classes an official SMCA / Conditional / Deformable DETR checkpoint may contain besides tensors.
 ALLOWED_GLOBALS = [argparse.Namespace]
@@ -90,16 +88,12 @@ def _from_pkl(data: Any, path: str, log: logging.Logger) -> Dict:
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
 
-def load_checkpoint_file(filename: str, fallback: Optional[Callable[[str], Dict]] = None,
-                         log: Optional[logging.Logger] = None) -> Dict:
+def load_checkpoint_file(filename: str, fallback: Callable[[str], Dict], log: logging.Logger) -> Dict:
     """Read ``filename`` as detectron2's ``DetectionCheckpointer._load_file`` does (a dict with a
     ``"model"`` entry), but without running pickled code (see the module docstring). ``fallback``
     (detectron2's reader) is used only for a path that is not a local file."""
     if not os.path.isfile(filename):
-        if fallback is None:
-            raise FileNotFoundError(filename)
         return fallback(filename)
-    log = log or logger
 
     if filename.endswith(".pkl") and not zipfile.is_zipfile(filename):  # a zip is torch.save's format
         data = safe_pickle_load(filename)

@@ -53,12 +53,12 @@ class ShippedCheckpointHandler(PathHandler):
         return open(self._local(path), mode, buffering=buffering)
 
 
-def register_shipped_handler(path_manager=None) -> None:
+def register_shipped_handler() -> None:
     """Register the ``smca_detr://`` prefix with detectron2's PathManager (idempotent)."""
-    if path_manager is None:
-        from detectron2.utils.file_io import PathManager as path_manager
-    if PREFIX not in getattr(path_manager, "_path_handlers", {}):
-        path_manager.register_handler(ShippedCheckpointHandler())
+    from detectron2.utils.file_io import PathManager
+
+    if PREFIX not in PathManager._path_handlers:
+        PathManager.register_handler(ShippedCheckpointHandler())
 
 
 def export_for_shipping(checkpoint: Dict[str, Any], meta: Optional[Dict[str, Any]] = None,

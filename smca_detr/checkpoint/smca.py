@@ -1,10 +1,9 @@
 """Official SMCA-DETR checkpoints -> smca_detr state dicts.
 
 Rules are kept per model kind in ``SMCA_CONVERSION_RULES`` (an ordered list of ``(regex,
-replacement)`` per kind, applied by ``apply_renames``: unmatched non-backbone keys raise). The kind
-of a checkpoint is found by the predicates in ``SMCA_KIND_DETECTORS`` (first match wins; the
-single-scale kind is the fallback). Another SMCA variant (e.g. the multi-scale model) adds its kind
-with ``register_smca_kind(kind, rules, detect)`` without touching the single-scale rules.
+replacement)`` per kind, applied by ``apply_renames``: unmatched non-backbone keys raise):
+"single_scale" (here) and "conv_multi_scale" (``smca_multiscale``, whose keys also identify such a
+checkpoint; every other SMCA checkpoint is single scale).
 
 The backbone (``backbone.0.body.*``, torchvision ResNet) is converted by ``convert_backbone``
 (detectron2 ResNet names under ``backbone.body.``). The class head has 92 rows in the official
@@ -14,19 +13,18 @@ rows of detectron2's contiguous COCO classes are kept, in detectron2's order
 ``MODEL.SMCA_DETR.NUM_CLASSES`` to the row count, e.g. 92).
 """
 import argparse
-import importlib
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .common import apply_renames, remap_coco_classes
 from .safe_load import safe_torch_load
+from .smca_multiscale import SMCA_CONV_MULTISCALE_KIND, SMCA_CONV_MULTISCALE_RULES, is_official_smca_multiscale
 
-__all__ = ["SMCA_CONVERSION_RULES", "SMCA_KIND_DETECTORS", "SMCA_CLASS_KEYS", "register_smca_kind",
-           "SMCA_KIND_MODULES", "detect_smca_kind", "split_official_checkpoint", "convert_official_smca",
-           "official_args_summary"]
+__all__ = ["SMCA_CONVERSION_RULES", "detect_smca_kind", "split_official_checkpoint",
+           "convert_official_smca", "official_args_summary"]
 
 Rules = List[Tuple[str, str]]
 
@@ -48,42 +46,12 @@ SMCA_CONVERSION_RULES: Dict[str, Rules] = {
         (r"^transformer\.decoder\.norm\.", "transformer.decoder.norm."),
         (r"^input_proj\.", "transformer.input.input_proj."),
     ],
+    SMCA_CONV_MULTISCALE_KIND: _HEAD_RULES + SMCA_CONV_MULTISCALE_RULES,
 }
 
-# (kind, predicate on the official state dict); checked in order, "single_scale" if none matches.
-SMCA_KIND_DETECTORS: List[Tuple[str, Callable[[Dict[str, torch.Tensor]], bool]]] = []
-
-# Modules that register further kinds when imported (imported lazily by ``detect_smca_kind``, so
-# auto-detection works without importing them first).
-SMCA_KIND_MODULES = ["smca_detr.checkpoint.smca_multiscale"]
-
-# Our class-head tensors whose rows are official class columns.
-SMCA_CLASS_KEYS = ["heads.class_embed.weight", "heads.class_embed.bias"]
-
-
-def register_smca_kind(kind: str, rules: Rules, detect: Optional[Callable[[Dict], bool]] = None) -> None:
-    """Add (or replace) the conversion rules of an SMCA model kind; ``detect(state_dict)`` lets
-    ``convert_official_smca`` recognise it automatically. ``_HEAD_RULES`` are prepended."""
-    SMCA_CONVERSION_RULES[kind] = _HEAD_RULES + list(rules)
-    if detect is not None:
-        SMCA_KIND_DETECTORS[:] = [(k, f) for k, f in SMCA_KIND_DETECTORS if k != kind] + [(kind, detect)]
-
-
-def _import_kind_modules():
-    for name in SMCA_KIND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
 def detect_smca_kind(state_dict: Dict[str, torch.Tensor]) -> str:
-    """The registered kind whose predicate accepts ``state_dict``; "single_scale" otherwise."""
-    _import_kind_modules()
-    for kind, detect in SMCA_KIND_DETECTORS:
-        if detect(state_dict):
-            return kind
-    return "single_scale"
+    """"conv_multi_scale" for an official "new multi-scale" state dict, "single_scale" otherwise."""
+    return SMCA_CONV_MULTISCALE_KIND if is_official_smca_multiscale(state_dict) else "single_scale"
 
 
 def split_official_checkpoint(checkpoint) -> Tuple[Dict[str, torch.Tensor], Optional[argparse.Namespace]]:
@@ -115,12 +83,10 @@ def convert_official_smca(state_dict: Union[Dict, str, os.PathLike], keep_all_cl
     sd, _ = split_official_checkpoint(state_dict)
     kind = kind or detect_smca_kind(sd)
     if kind not in SMCA_CONVERSION_RULES:
-        _import_kind_modules()
-    if kind not in SMCA_CONVERSION_RULES:
         raise KeyError(f"unknown SMCA checkpoint kind {kind!r}; known: {sorted(SMCA_CONVERSION_RULES)}")
     out = apply_renames(sd, SMCA_CONVERSION_RULES[kind])
     if not keep_all_classes:
-        remap_coco_classes(out, SMCA_CLASS_KEYS)
+        remap_coco_classes(out)
     return out
 
 

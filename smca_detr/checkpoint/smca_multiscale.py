@@ -1,8 +1,8 @@
 """Official SMCA-DETR "new multi-scale" checkpoints (``Multi_scale_SMCA.zip``) -> smca_detr
 ``SMCAConvMultiScaleTransformer`` state dicts.
 
-The conversion is a rename table (registered with ``smca_detr.checkpoint.smca`` as the SMCA model
-kind ``"conv_multi_scale"``; ``convert_official_smca`` detects such checkpoints by themselves):
+The conversion is a rename table (the SMCA model kind ``"conv_multi_scale"`` of
+``smca_detr.checkpoint.smca``; ``convert_official_smca`` detects such checkpoints by themselves):
 
 * ``input_proj_512`` / ``input_proj_1024`` / ``input_proj_2048`` -> ``transformer.input_proj.{0,1,2}``
   (1x1 convs of res3 / res4 / res5); ``input_proj_2048_3`` -> ``transformer.extra_proj`` (3x3
@@ -24,8 +24,6 @@ import os
 from typing import Dict, Union
 
 import torch
-
-from .smca import convert_official_smca, register_smca_kind, split_official_checkpoint
 
 __all__ = ["SMCA_CONV_MULTISCALE_KIND", "SMCA_CONV_MULTISCALE_RULES", "is_official_smca_multiscale",
            "convert_official_smca_multiscale"]
@@ -59,9 +57,6 @@ def is_official_smca_multiscale(state_dict: Dict[str, torch.Tensor]) -> bool:
     return "transformer.level_embed" in state_dict and "input_proj_2048_3.weight" in state_dict
 
 
-register_smca_kind(SMCA_CONV_MULTISCALE_KIND, SMCA_CONV_MULTISCALE_RULES, is_official_smca_multiscale)
-
-
 def convert_official_smca_multiscale(state_dict: Union[Dict, str, os.PathLike],
                                      keep_all_classes: bool = False) -> Dict[str, torch.Tensor]:
     """Official multi-scale SMCA checkpoint -> state dict of our ``SMCAConvMultiScaleTransformer`` model.
@@ -76,6 +71,8 @@ def convert_official_smca_multiscale(state_dict: Union[Dict, str, os.PathLike],
     state dict is not a multi-scale one or the class head is not COCO's 92 rows (without
     ``keep_all_classes``).
     """
+    from .smca import convert_official_smca, split_official_checkpoint
+
     sd, _ = split_official_checkpoint(state_dict)  # a path is loaded with safe_torch_load
     if not is_official_smca_multiscale(sd):
         raise ValueError("not an official SMCA multi-scale state dict (no transformer.level_embed / "

@@ -116,23 +116,17 @@ class DetrDatasetMapper:
             "keep_empty": cfg.INPUT.DETR.KEEP_EMPTY,
         }
 
-    def _read_image(self, file_name: str) -> np.ndarray:
-        return read_image(file_name, format=self.image_format)  # ImageReadError naming the file
-
-    def _choose_augmentations(self) -> T.AugmentationList:
-        # np.random: detectron2 seeds it per data-loader worker, like its own augmentations use it.
-        if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:
-            return self.crop_augmentations
-        return self.augmentations
-
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
         dataset_dict = copy.deepcopy(dataset_dict)
-        file_name = dataset_dict["file_name"]
-        image = self._read_image(file_name)
+        image = read_image(dataset_dict["file_name"], format=self.image_format)  # ImageReadError naming the file
         utils.check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)
-        transforms = self._choose_augmentations()(aug_input)
+        augmentations = self.augmentations
+        # np.random: detectron2 seeds it per data-loader worker, like its own augmentations use it.
+        if self.crop_augmentations is not None and np.random.rand() < self.crop_prob:
+            augmentations = self.crop_augmentations
+        transforms = augmentations(aug_input)
         image = aug_input.image
         h, w = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -243,9 +243,7 @@ def render_image(seed: int, index: int, empty: bool = False):
 
     objects = []
     for j, cat in enumerate(cats):
-        ys, xs = np.nonzero(visible == j)
-        if len(xs) == 0:  # cannot happen given the occlusion rule; be safe
-            continue
+        ys, xs = np.nonzero(visible == j)  # never empty: the occlusion rule keeps >= 12 pixels visible
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         # no masks are published, so "area" (COCO size classes small/medium/large) is the box area
         objects.append({"category": cat, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
@@ -330,7 +328,7 @@ def _write_split(name: str, out_dir: str, progress: bool) -> Tuple[str, str]:
     return json_file, image_dir
 
 
-def generate_split(name: str, root: Optional[str] = None, progress: bool = True, force: bool = False) -> str:
+def generate_split(name: str, root: Optional[str] = None, progress: bool = True) -> str:
     """Generate split ``name`` under ``root`` unless an up-to-date copy exists; return its json path.
 
     Atomic: everything is written into a temporary directory inside the root and moved into place
@@ -338,12 +336,12 @@ def generate_split(name: str, root: Optional[str] = None, progress: bool = True,
     Safe against concurrent callers (file lock)."""
     base = get_root(root)
     json_file, image_root = split_paths(name, base)
-    if not force and _is_complete(name, base):
+    if _is_complete(name, base):
         return json_file
     os.makedirs(base, exist_ok=True)
     spec = _spec(name)
     with _lock(os.path.join(base, f".{spec.dirname}.lock")):
-        if not force and _is_complete(name, base):  # another process finished it meanwhile
+        if _is_complete(name, base):  # another process finished it meanwhile
             return json_file
         logger.info("Generating synthetic dataset %s (%d images) in %s", name, spec.num_images, base)
         tmp = tempfile.mkdtemp(prefix=f".{spec.dirname}.tmp-", dir=base)

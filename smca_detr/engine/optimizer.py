@@ -20,10 +20,9 @@ unscales the gradients first and then calls ``opt.step()``, so the norm is taken
 that unscale (it advertises ``_step_supports_amp_scaling`` and unscales inside its kernel, after our
 clipping); every clipping optimizer turns that off (``unscale_before_step``), whatever the clip type.
 """
-import inspect
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -136,8 +135,7 @@ def add_full_model_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer],
     return type(
         optimizer_cls.__name__ + "WithFullModelGradClip",
         (base,),
-        {"__init__": __init__, "step": step, "clip_max_norm": float(max_norm),
-         "clip_norm_type": float(norm_type), "__module__": __name__},
+        {"__init__": __init__, "step": step, "__module__": __name__},
     )
 
 
@@ -167,9 +165,6 @@ def _fused_kwargs(cls: Type[torch.optim.Optimizer], groups: List[dict], wanted: 
     and dtype whose fused kernel exists in this PyTorch; else ``{}`` (the per-tensor loop)."""
     if not wanted or not issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
         return {}
-    base = next(c for c in cls.__mro__ if c in (torch.optim.Adam, torch.optim.AdamW))  # past our wrappers
-    if "fused" not in inspect.signature(base.__init__).parameters:
-        return {}
     foreach_utils = getattr(torch.utils, "_foreach_utils", None)
     supported = getattr(foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
     params = [p for g in groups for p in g["params"]]
@@ -179,10 +174,10 @@ def _fused_kwargs(cls: Type[torch.optim.Optimizer], groups: List[dict], wanted: 
     return {"fused": True} if ok else {}
 
 
-def build_optimizer(cfg, model: nn.Module, param_groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.SOLVER`` over the trainable parameters of ``model`` (see module doc)."""
     cls = _optimizer_class(cfg)
-    groups = get_param_groups(cfg, model) if param_groups is None else param_groups
+    groups = get_param_groups(cfg, model)
     base_lr = float(cfg.SOLVER.BASE_LR)
     weight_decay = float(cfg.SOLVER.WEIGHT_DECAY)
     if issubclass(cls, torch.optim.SGD):

@@ -41,10 +41,8 @@ def _device_problem(device: str) -> List[str]:
 def _dataset_problems(cfg, eval_only: bool) -> List[str]:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    try:
-        from ..data.synthetic import SPLITS as generated  # written on first use, never missing
-    except ImportError:
-        generated = {}
+    from ..data.synthetic import SPLITS as generated  # written on first use, never missing
+
     root = os.getenv("DETECTRON2_DATASETS", "datasets")
     under_root, elsewhere, seen = [], [], set()
     for key in (() if eval_only else ("TRAIN",)) + ("TEST",):

@@ -20,7 +20,6 @@ Works with detectron2 v0.6 and current main (features are detected, versions nev
   without CUDA (v0.6's launch requires CUDA/NCCL for more than one process).
 """
 import contextlib
-import inspect
 import logging
 import os
 import time
@@ -41,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import SmcaDetrCheckpointer
 from ..config import config_from_args
+from ..data import synthetic
 from ..data.train_loader import ITERATION_DOMAIN, build_positioned_train_loader, derive_seed, seed_all
 from .optimizer import build_optimizer as _build_optimizer
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionHook, forward_signals_to_children
@@ -60,16 +60,6 @@ def amp_dtype(cfg) -> Optional[torch.dtype]:
     if precision not in _PRECISIONS:
         raise ValueError(f"SOLVER.AMP.PRECISION must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     return _PRECISIONS[precision]
-
-
-def _make_grad_scaler(device_type: str):
-    scaler_cls = getattr(torch.amp, "GradScaler", None)
-    if scaler_cls is not None and "device" in inspect.signature(scaler_cls.__init__).parameters:
-        return scaler_cls(device_type)
-    if device_type == "cuda":
-        return torch.cuda.amp.GradScaler()
-    raise ValueError(f"SOLVER.AMP.PRECISION='float16' needs a GradScaler for device '{device_type}', which "
-                     "this torch does not have; use SOLVER.AMP.PRECISION='bfloat16'")
 
 
 def has_fast_coco_eval() -> bool:
@@ -114,47 +104,30 @@ class TrainLoop(SimpleTrainer):
             raise ValueError(f"precision must be None, torch.float16 or torch.bfloat16, got {precision}")
         self.precision = precision
         if precision == torch.float16 and grad_scaler is None:
-            grad_scaler = _make_grad_scaler(self.device_type)
+            grad_scaler = torch.amp.GradScaler(self.device_type)  # any device (torch >= 2.5)
         self.grad_scaler = grad_scaler
         self.seed = seed
-
-    # data ---------------------------------------------------------------------------------------
-    def next_batch(self):
-        if self._smca_data_iter is None:
-            self._smca_data_iter = iter(self.data_loader)
-        return next(self._smca_data_iter)
 
     def reset_data_iter(self):
         """Forget the current data iterator; the next step starts a new one (e.g. after the sampler
         was told to skip the data of finished iterations)."""
         self._smca_data_iter = None
 
-    def reset_data_loader(self, data_loader_builder):
-        self.data_loader = data_loader_builder()
-        self._smca_data_iter = None
-
-    # step ---------------------------------------------------------------------------------------
-    def autocast(self):
-        if self.precision is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.precision)
-
     def run_step(self):
         assert self.model.training, "[smca_detr TrainLoop] model was changed to eval mode!"
         start = time.perf_counter()
         _injected_failure(self.iter)
-        data = self.next_batch()
+        if self._smca_data_iter is None:
+            self._smca_data_iter = iter(self.data_loader)
+        data = next(self._smca_data_iter)
         data_time = time.perf_counter() - start
         if self.seed is not None:
             seed_all(derive_seed(self.seed, ITERATION_DOMAIN, comm.get_rank(), self.iter))
 
-        with self.autocast():
+        with (contextlib.nullcontext() if self.precision is None
+              else torch.autocast(device_type=self.device_type, dtype=self.precision)):
             loss_dict = self.model(data)
-        if isinstance(loss_dict, torch.Tensor):
-            losses = loss_dict
-            loss_dict = {"total_loss": loss_dict}
-        else:
-            losses = sum(loss_dict.values())
+        losses = sum(loss_dict.values())
 
         self.optimizer.zero_grad()
         if self.grad_scaler is not None:
@@ -204,17 +177,6 @@ def _injected_failure(iteration: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-
-
-def _ensure_dataset_files(dataset_name: str) -> None:
-    """Generate an embedded synthetic split before an evaluator reads its json file."""
-    try:
-        from ..data import synthetic
-    except ImportError:
-        return
-    ensure = getattr(synthetic, "ensure_synthetic", None)
-    if ensure is not None and dataset_name in getattr(synthetic, "SPLITS", {}):
-        ensure(dataset_name)
 
 
 class Trainer(DefaultTrainer):
@@ -291,7 +253,8 @@ class Trainer(DefaultTrainer):
                 cfg.freeze()
                 self.cfg = cfg
                 self._trainer.seed = cfg.SEED
-                self._trainer.reset_data_loader(lambda: self.build_train_loader(cfg))
+                self._trainer.data_loader = self.build_train_loader(cfg)
+                self._trainer.reset_data_iter()
             else:
                 logger.warning(f"The checkpoint was trained with SEED {seed}, this run has SEED {self.cfg.SEED}: "
                                "the resumed run continues with other random streams.")
@@ -350,7 +313,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        _ensure_dataset_files(dataset_name)
+        if dataset_name in synthetic.SPLITS:  # generate an embedded split before the evaluator reads its json
+            synthetic.ensure_synthetic(dataset_name)
         return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=True, output_dir=output_folder,
                              use_fast_impl=has_fast_coco_eval())
 
@@ -375,11 +339,7 @@ def setup(args):
     cfg = config_from_args(args)
     cfg.freeze()
     if cfg.DATASETS.SYNTHETIC.ROOT:
-        from ..data import synthetic
-
-        set_root = getattr(synthetic, "set_root", None)
-        if set_root is not None:
-            set_root(cfg.DATASETS.SYNTHETIC.ROOT)
+        synthetic.set_root(cfg.DATASETS.SYNTHETIC.ROOT)
     default_setup(cfg, args)
     return cfg
 

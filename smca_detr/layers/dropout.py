@@ -30,7 +30,7 @@ from torch import nn
 
 from .tracing import tracing_or_compiling
 
-__all__ = ["CHUNK", "Dropout", "dropout", "keep_mask", "scale_mask"]
+__all__ = ["CHUNK", "Dropout", "dropout", "scale_mask"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 CHUNK = 1 << 20  # elements per independently seeded generator (fixed: the mask never depends on threads)
@@ -64,15 +64,11 @@ def _pool(workers: int):
 
 
 def _fill(out: np.ndarray, seed: int, p: float, chunk: int, value) -> None:
-    """Chunk ``chunk`` of ``out`` (flat): ``value`` where kept, 0 where dropped (``value`` None:
-    a bool keep mask)."""
+    """Chunk ``chunk`` of ``out`` (flat): ``value`` where kept, 0 where dropped."""
     lo = chunk * CHUNK
     part = out[lo:lo + CHUNK]
     raw = np.random.SFC64([seed, chunk]).random_raw((part.size + 1) // 2).view(np.int32)[:part.size]
-    if value is None:
-        np.greater_equal(raw, _threshold(p), out=part)
-    else:
-        np.multiply(np.greater_equal(raw, _threshold(p)), value, out=part)
+    np.multiply(np.greater_equal(raw, _threshold(p)), value, out=part)
 
 
 def _mask(shape, p: float, dtype: np.dtype, value) -> np.ndarray:
@@ -91,16 +87,10 @@ def _mask(shape, p: float, dtype: np.dtype, value) -> np.ndarray:
     return out.reshape(tuple(int(s) for s in shape))
 
 
-def keep_mask(shape, p: float) -> torch.Tensor:
-    """Bool CPU tensor of ``shape``, each element True (kept) independently with probability
-    ``1 - p`` (to 2^-32); seeded from torch's default CPU generator (one draw)."""
-    return torch.from_numpy(_mask(shape, p, np.bool_, None))
-
-
 def scale_mask(shape, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``keep_mask(shape, p)`` as ``dtype`` values ``1 / (1 - p)`` (kept) and ``0`` (dropped),
-    built in one pass per chunk (the same elements are kept as by :func:`keep_mask` from the same
-    RNG state)."""
+    """CPU tensor of ``shape``: each element ``1 / (1 - p)`` (kept, independently with probability
+    ``1 - p``, to 2^-32) or ``0`` (dropped), in ``dtype``, built in one pass per chunk; seeded from
+    torch's default CPU generator (one draw)."""
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     scale = np_dtype.type(1.0 / (1.0 - p))
     return torch.from_numpy(_mask(shape, p, np_dtype, scale))

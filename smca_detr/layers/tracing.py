@@ -8,10 +8,7 @@ def tracing_or_compiling() -> bool:
     """True under ``torch.jit.trace`` / ``torch.jit.script`` (e.g. fvcore FLOP counting, export) and
     ``torch.compile``: the fast paths that leave PyTorch (numpy RNG, oneDNN ops chosen by host-side
     checks, host syncs) must then step aside for the plain ops."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def shape_ints(shape) -> tuple:

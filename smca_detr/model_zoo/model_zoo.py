@@ -189,13 +189,10 @@ class Predictor:
     def inputs(self, image, input_format: str = "RGB") -> dict:
         """The model input dict (``image`` CHW float tensor in the model's format, resized;
         ``height``/``width`` of the given image) for an image array (see ``__call__``)."""
-        from ..export import prepare_image, resize_image
+        from ..export import network_image
 
-        image = prepare_image(image, input_format)  # HxWx3 RGB, or a ValueError naming the problem
-        if self.input_format == "BGR":
-            image = image[:, :, ::-1]
-        h, w = image.shape[:2]
-        image = resize_image(np.ascontiguousarray(image), self.min_size, self.max_size)
+        # (a ValueError names what is wrong with the image)
+        image, h, w = network_image(image, input_format, self.input_format, self.min_size, self.max_size)
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
         return {"image": tensor, "height": h, "width": w}
 

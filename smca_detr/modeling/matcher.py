@@ -10,28 +10,21 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+from detectron2.utils.events import get_event_storage
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .blocks import autocast_off
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "current_iteration"]
-
-
-def current_iteration():
-    """The detectron2 training iteration if an EventStorage is active, else None."""
-    try:
-        from detectron2.utils.events import get_event_storage
-
-        return get_event_storage().iter
-    except (AssertionError, ImportError):
-        return None
+__all__ = ["HungarianMatcher"]
 
 
 def _diverged(what: str):
-    it = current_iteration()
-    where = f"at iteration {it}" if it is not None else "(outside training)"
+    try:
+        where = f"at iteration {get_event_storage().iter}"
+    except AssertionError:  # no active EventStorage
+        where = "(outside training)"
     raise FloatingPointError(
         f"HungarianMatcher: {what} {where}; training diverged (try a lower SOLVER.BASE_LR, "
         "SOLVER.CLIP_GRADIENTS, or SOLVER.AMP.PRECISION='bfloat16')")

@@ -31,11 +31,8 @@ def read_image(file_name: Union[str, os.PathLike], format: str = "RGB") -> np.nd
     else that cannot be decoded, with the file name and the underlying error in the message."""
     from detectron2.data import detection_utils
 
-    try:
-        image = detection_utils.read_image(str(file_name), format=format)
+    try:  # (detectron2 returns HWC, also for "L")
+        return detection_utils.read_image(str(file_name), format=format)
     except Exception as e:  # missing file, not an image, truncated data, ...
         cls = ImageNotFoundError if isinstance(e, FileNotFoundError) else ImageReadError
         raise cls(f"Cannot read image file '{file_name}': {type(e).__name__}: {e}") from e
-    if image.ndim == 2:  # defensive: always HWC
-        image = image[:, :, None]
-    return image

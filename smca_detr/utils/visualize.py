@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["draw_instances", "draw_boxes", "Panel", "AttentionMaps", "forward_with_internals", "select_query",
-           "attention_maps", "render_attention", "grid_size", "panel_size"]
+__all__ = ["draw_instances", "draw_boxes", "Panel", "AttentionMaps", "select_query", "attention_maps",
+           "render_attention", "grid_size", "panel_size"]
 
 
 # --------------------------------------------------------------------------------------- detections
@@ -66,63 +66,54 @@ def draw_instances(image_rgb: np.ndarray, instances, metadata=None, threshold: f
 
 def draw_boxes(image_rgb: np.ndarray, instances, class_names: Optional[Sequence[str]] = None,
                scale: float = 1.0) -> np.ndarray:
-    """Boxes with "class score" labels on ``image_rgb`` (matplotlib Agg), the same picture size as
-    detectron2's ``Visualizer`` (image size times ``scale``). Returns RGB uint8."""
+    """Predicted boxes (``instances``: ``pred_boxes``, ``scores``, ``pred_classes``) with "class score"
+    labels on ``image_rgb`` (matplotlib Agg), the same picture size as detectron2's ``Visualizer``
+    (image size times ``scale``). Returns RGB uint8."""
     import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     h, w = image_rgb.shape[:2]
     W, H = int(round(w * scale)), int(round(h * scale))
-    dpi = 100
-    fig = Figure(figsize=(W / dpi, H / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
+    fig = _agg_figure(W, H)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
     ax.imshow(image_rgb, extent=(0, w, h, 0), interpolation="bilinear")
-    boxes = instances.pred_boxes.tensor.numpy() if instances.has("pred_boxes") else np.zeros((0, 4))
-    scores = instances.scores.numpy() if instances.has("scores") else None
-    classes = instances.pred_classes.numpy() if instances.has("pred_classes") else None
     colors = list(matplotlib.colormaps["tab10"].colors)
     font = max(6.0, min(12.0, 0.02 * max(h, w) * scale))
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        c = int(classes[i]) if classes is not None else 0
+    for (x0, y0, x1, y1), score, c in zip(instances.pred_boxes.tensor.numpy(), instances.scores.numpy(),
+                                          instances.pred_classes.tolist()):
         color = colors[c % len(colors)]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
-        if class_names is not None and 0 <= c < len(class_names):
-            name = class_names[c]
-        else:
-            name = str(c) if classes is not None else ""
-        text = f"{name} {scores[i] * 100:.0f}%" if scores is not None else name
-        ax.text(x0, y0, text, color="white", fontsize=font, va="bottom", ha="left",
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+        ax.text(x0, y0, f"{name} {score * 100:.0f}%", color="white", fontsize=font, va="bottom", ha="left",
                 bbox=dict(facecolor=color, alpha=0.7, pad=1.0, linewidth=0))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
-    canvas.draw()
-    picture = np.asarray(canvas.buffer_rgba())[..., :3]
-    out = np.zeros((H, W, 3), dtype=np.uint8)
-    hh, ww = min(H, picture.shape[0]), min(W, picture.shape[1])
+    return _rendered(fig, W, H, fill=0)
+
+
+def _agg_figure(width: int, height: int, **kwargs):
+    """A matplotlib Figure of ``width x height`` pixels on an Agg canvas (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _rendered(fig, width: int, height: int, fill: int) -> np.ndarray:
+    """``fig`` drawn, as RGB uint8 of exactly ``height x width`` (the canvas may differ from the
+    requested size by a pixel: float figure size; cropped, or padded with ``fill``)."""
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    out = np.full((height, width, 3), fill, dtype=np.uint8)
+    hh, ww = min(height, picture.shape[0]), min(width, picture.shape[1])
     out[:hh, :ww] = picture[:hh, :ww]
     return out
 
 
 # ------------------------------------------------------------------------------------ model pass
-
-
-@dataclass
-class ForwardResult:
-    outputs: Dict                # forward_features output: pred_logits/pred_boxes [L,B,Q,.], extras
-    input_hw: Tuple[int, int]    # unpadded network input size
-
-
-@torch.no_grad()
-def forward_with_internals(model, inputs: Dict) -> ForwardResult:
-    """The meta-architecture's inference pass on one input dict, stopping before post-processing
-    (so the per-query outputs and the transformer's extras are available)."""
-    images = model.preprocess_image([inputs])
-    features, masks = model.backbone(images.tensor, images.image_sizes)
-    return ForwardResult(model.forward_features(features, masks, images.image_sizes), tuple(images.image_sizes[0]))
 
 
 def select_query(model, outputs: Dict, query: Union[int, str] = "auto", layer: int = -1) -> Tuple[int, float, int]:
@@ -169,7 +160,6 @@ class AttentionMaps:
     box_xyxy: np.ndarray              # the query's predicted box, network-input pixels
     input_hw: Tuple[int, int]
     rows: List[List[Panel]] = field(default_factory=list)
-    row_titles: List[str] = field(default_factory=list)
 
 
 def _memory_images(values: torch.Tensor, extras: Dict, input_hw, combine) -> np.ndarray:
@@ -189,7 +179,7 @@ def _memory_images(values: torch.Tensor, extras: Dict, input_hw, combine) -> np.
     return out
 
 
-def _attention_rows(extras: Dict, li: int, query: int, input_hw):
+def _attention_rows(extras: Dict, li: int, query: int, input_hw) -> List[List[Panel]]:
     """Rows of [mean over heads, head 0, head 1, ...] heat maps: SMCA's Gaussian prior and modulated
     co-attention, Conditional DETR's spatial, content and combined attention, else the attention."""
     weights = extras[f"dec.{li}.cross_attn_weights"][0, :, query].float()  # [M, S]
@@ -207,7 +197,7 @@ def _attention_rows(extras: Dict, li: int, query: int, input_hw):
         stack = _memory_images(values, extras, input_hw, combine)
         rows.append([Panel(f"{title}: mean of heads", heatmap=stack.mean(0))]
                     + [Panel(f"{title}: head {m}", heatmap=stack[m]) for m in range(stack.shape[0])])
-    return rows, [title for _, title, _ in maps]
+    return rows
 
 
 def _sampling_rows(extras: Dict, li: int, query: int) -> List[List[Panel]]:
@@ -238,23 +228,26 @@ def attention_maps(model, inputs: Dict, query: Union[int, str] = "auto", layer: 
     agreed keys of ``DetrTransformerBase``). Raises ValueError for a transformer that records none."""
     model.eval()
     t = model.transformer
-    with torch.no_grad(), t.recording():
-        res = forward_with_internals(model, inputs)
-    extras, li = res.outputs["extras"], layer % res.outputs["pred_logits"].shape[0]
-    q, score, label = select_query(model, res.outputs, query, layer)
+    with torch.no_grad(), t.recording():  # the inference pass, stopping before post-processing
+        images = model.preprocess_image([inputs])
+        features, masks = model.backbone(images.tensor, images.image_sizes)
+        outputs = model.forward_features(features, masks, images.image_sizes)
+    input_hw = tuple(images.image_sizes[0])
+    extras, li = outputs["extras"], layer % outputs["pred_logits"].shape[0]
+    q, score, label = select_query(model, outputs, query, layer)
     if f"dec.{li}.sampling_locations" in extras:
-        rows, titles = _sampling_rows(extras, li, q), ["sampling points coloured by attention weight"]
+        rows = _sampling_rows(extras, li, q)
     elif f"dec.{li}.cross_attn_weights" in extras:
-        rows, titles = _attention_rows(extras, li, q, res.input_hw)
+        rows = _attention_rows(extras, li, q, input_hw)
     else:
         raise ValueError(f"no attention visualisation for {type(t).__name__}: it records neither "
                          f"dec.{{l}}.cross_attn_weights nor dec.{{l}}.sampling_locations (SMCA, Conditional and "
                          "Deformable DETR do)")
-    cx, cy, w, h = res.outputs["pred_boxes"][layer][0, q].float().tolist()
-    hh, ww = res.input_hw
+    cx, cy, w, h = outputs["pred_boxes"][layer][0, q].float().tolist()
+    hh, ww = input_hw
     box = np.array([(cx - w / 2) * ww, (cy - h / 2) * hh, (cx + w / 2) * ww, (cy + h / 2) * hh])
     return AttentionMaps(transformer=type(t).__name__, layer=li, query=q, score=score, label=label, box_xyxy=box,
-                         input_hw=res.input_hw, rows=rows, row_titles=titles)
+                         input_hw=input_hw, rows=rows)
 
 
 def panel_size(image_hw: Tuple[int, int], panel_width: int) -> Tuple[int, int]:
@@ -275,8 +268,6 @@ def render_attention(image_rgb: np.ndarray, maps: AttentionMaps, out_path: Optio
     """Draw ``maps`` over ``image_rgb`` (the ORIGINAL image, HxWx3 uint8; maps are on the network
     input, which is the image resized) as a grid of panels; write a PNG to ``out_path`` when given.
     Returns the picture (RGB uint8, :func:`grid_size` pixels)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     from PIL import Image
 
@@ -292,9 +283,7 @@ def render_attention(image_rgb: np.ndarray, maps: AttentionMaps, out_path: Optio
     label = class_names[maps.label] if known else str(maps.label)
     font = max(5.0, min(9.0, pw / 32))
 
-    dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
+    fig = _agg_figure(width, height, facecolor="white")
     for r, row in enumerate(maps.rows):
         for c, panel in enumerate(row):
             ax = fig.add_axes((c / ncols, 1 - (r + 1) / nrows, 1 / ncols, 1 / nrows))
@@ -324,12 +313,7 @@ def render_attention(image_rgb: np.ndarray, maps: AttentionMaps, out_path: Optio
                 title += f"\nquery {maps.query} ({label} {maps.score:.2f}), layer {maps.layer}"
             ax.text(2, 2, title, color="white", fontsize=font, va="top", ha="left",
                     bbox=dict(facecolor="black", alpha=0.5, pad=1.0, linewidth=0))
-    canvas.draw()
-    picture = np.asarray(canvas.buffer_rgba())[..., :3]
-    # the canvas may differ from the requested size by a pixel (float figure size): fix it
-    fixed = np.full((height, width, 3), 255, dtype=np.uint8)
-    hh, ww = min(height, picture.shape[0]), min(width, picture.shape[1])
-    fixed[:hh, :ww] = picture[:hh, :ww]
+    fixed = _rendered(fig, width, height, fill=255)
     if out_path:
         Image.fromarray(fixed).save(out_path)
     return fixed

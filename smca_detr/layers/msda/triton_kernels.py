@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import _check_shapes
+
 __all__ = ["ms_deform_attn_triton_forward", "ms_deform_attn_triton_backward", "interpreter_enabled",
            "missing_triton_features", "LAUNCH_COUNTS"]
 
@@ -291,16 +293,9 @@ def _launch_config(QM: int, B: int, D: int, backward: bool) -> Tuple[int, int, i
 
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     _check_device(value)
-    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
-        raise ValueError(
-            "expected value [B,S,M,D], sampling_locations [B,Q,M,L,P,2], attention_weights "
-            f"[B,Q,M,L,P]; got {tuple(value.shape)}, {tuple(sampling_locations.shape)}, "
-            f"{tuple(attention_weights.shape)}"
-        )
+    _check_shapes(value, sampling_locations, attention_weights, spatial_shapes.shape[0])
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    if tuple(attention_weights.shape) != (B, Q, M, L, P) or sampling_locations.shape[:3] != (B, Q, M):
-        raise ValueError("value / sampling_locations / attention_weights shapes do not match")
     if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
         raise ValueError(
             f"spatial_shapes must be [{L}, 2] and level_start_index [{L}], got "

@@ -119,16 +119,18 @@ class TransformerEncoderLayer(FFNMixin, nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Stack of encoder layers; a final LayerNorm only with pre-norm (official convention)."""
+    """Stack of encoder layers (DETR's, Deformable DETR's, the SMCA conv multi-scale one); a final
+    LayerNorm only with pre-norm (official convention). ``forward(src, *args)`` passes ``args`` (DETR:
+    pos, key_padding_mask) to every layer."""
 
     def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
         super().__init__()
         self.layers = clones(layer, num_layers)
         self.norm = norm
 
-    def forward(self, src, pos, key_padding_mask=None):
+    def forward(self, src, *args):
         for layer in self.layers:
-            src = layer(src, pos, key_padding_mask)
+            src = layer(src, *args)
         return self.norm(src) if self.norm is not None else src
 
 

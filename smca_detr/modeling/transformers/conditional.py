@@ -222,7 +222,6 @@ class ConditionalTransformer(DetrTransformerBase):
         if c.HIDDEN_DIM % 2 != 0:
             raise ValueError(f"MODEL.SMCA_DETR.HIDDEN_DIM must be even, got {c.HIDDEN_DIM}")
         d = c.HIDDEN_DIM
-        self.nhead = c.NHEADS
         self.stride = int(input_shapes[0].stride)
         build_single_level(self, cfg, input_shapes, "ConditionalTransformer")
         self.decoder = ConditionalDecoder(d, c.NHEADS, c.DEC_LAYERS, c.DIM_FEEDFORWARD, c.DROPOUT,

@@ -36,11 +36,11 @@ from ..blocks import at_least_float32
 from ..blocks import FFNMixin, MultiheadAttention, clones, inverse_sigmoid
 from ..position_encoding import PositionEmbeddingSine, sine_embed
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (DetrTransformerBase, TransformerOutput, embed_levels, flatten_levels, level_projections,
-                     padding_mask_or_none, xavier_init)
+from .common import (DetrTransformerBase, TransformerEncoder, TransformerOutput, embed_levels, flatten_levels,
+                     level_projections, padding_mask_or_none, xavier_init)
 
 __all__ = ["DeformableTransformer", "DeformableTransformerEncoderLayer", "DeformableTransformerDecoderLayer",
-           "DeformableTransformerEncoder", "DeformableTransformerDecoder", "valid_ratios", "encoder_reference_points",
+           "DeformableTransformerDecoder", "valid_ratios", "encoder_reference_points",
            "encoder_output_proposals"]
 
 _CFG = "MODEL.SMCA_DETR.DEFORMABLE"
@@ -161,17 +161,6 @@ class DeformableTransformerDecoderLayer(FFNMixin, nn.Module):
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 
-class DeformableTransformerEncoder(nn.Module):
-    def __init__(self, layer: nn.Module, num_layers: int):
-        super().__init__()
-        self.layers = clones(layer, num_layers)
-
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
-        return src
-
-
 class DeformableTransformerDecoder(nn.Module):
     """Decoder stack without a final norm. With ``box_heads`` (box refinement) the reference is
     refined after every layer by that layer's box head."""
@@ -276,7 +265,7 @@ class DeformableTransformer(DetrTransformerBase):
         L = self.num_feature_levels
         enc_layer = DeformableTransformerEncoderLayer(d, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, L, c.NHEADS,
                                                       dc.ENC_N_POINTS, dc.MSDA_IMPL)
-        self.encoder = DeformableTransformerEncoder(enc_layer, c.ENC_LAYERS)
+        self.encoder = TransformerEncoder(enc_layer, c.ENC_LAYERS)
         dec_layer = DeformableTransformerDecoderLayer(d, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION, L, c.NHEADS,
                                                       dc.DEC_N_POINTS, dc.MSDA_IMPL)
         self.decoder = DeformableTransformerDecoder(dec_layer, c.DEC_LAYERS)

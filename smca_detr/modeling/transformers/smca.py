@@ -218,11 +218,9 @@ class SMCADecoderLayer(TransformerDecoderLayer):
         g, p = self.num_gaussians, self.num_param_groups
         offsets = self.point2(out)
         ref_logit = None
-        if self.point1 is not None:
+        if self.point1 is not None:  # layer 0 (SMCADecoder gives it the reference head)
             ref_logit = self.point1(out)
             ref_px = image_wh[:, None, :] * ref_logit.sigmoid()
-        elif ref_px is None:
-            raise RuntimeError("SMCA decoder: layer 0 must own the reference head (point1)")
         off = offsets.view(b, q, p, g, 2)
         scales = self.point3(out).view(b, q, p, g, self.k) if self.point3 is not None else None
         biases = []
@@ -285,7 +283,6 @@ class SMCADecoder(nn.Module):
     def __init__(self, cfg, num_segments: int = 1, num_param_groups: int = 1, scale_selection: bool = False):
         super().__init__()
         c, s = cfg.MODEL.SMCA_DETR, cfg.MODEL.SMCA_DETR.SMCA
-        scale_channels(s.DYNAMIC_SCALE)
         if s.SMOOTH <= 0:
             raise ValueError(f"MODEL.SMCA_DETR.SMCA.SMOOTH (β) must be > 0, got {s.SMOOTH}")
         if c.DEC_LAYERS < 1:

@@ -41,13 +41,14 @@ from torch import nn
 from ...layers.dropout import Dropout
 from ...layers.tracing import shape_ints
 from ..backbone import resize_mask
-from ..blocks import FFNMixin, clones
+from ..blocks import FFNMixin
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import DetrTransformerBase, TransformerOutput, check_levels, embed_levels, flatten_levels, level_projections
+from .common import (DetrTransformerBase, TransformerEncoder, TransformerOutput, check_levels, embed_levels,
+                     flatten_levels, level_projections)
 from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
-__all__ = ["ConvMultiScaleEncoderLayer", "ConvMultiScaleEncoder", "SMCAConvMultiScaleTransformer"]
+__all__ = ["ConvMultiScaleEncoderLayer", "SMCAConvMultiScaleTransformer"]
 
 
 def _depthwise(d: int, stride: int = 1) -> nn.Conv2d:
@@ -93,19 +94,6 @@ class ConvMultiScaleEncoderLayer(FFNMixin, nn.Module):
         return outs
 
 
-class ConvMultiScaleEncoder(nn.Module):
-    """``num_layers`` copies of the convolutional layer. Keys ``layers.{i}.*``."""
-
-    def __init__(self, layer: ConvMultiScaleEncoderLayer, num_layers: int):
-        super().__init__()
-        self.layers = clones(layer, num_layers)
-
-    def forward(self, srcs, pos):
-        for layer in self.layers:
-            srcs = layer(srcs, pos)
-        return srcs
-
-
 @TRANSFORMER_REGISTRY.register()
 class SMCAConvMultiScaleTransformer(DetrTransformerBase):
     """Official "new multi-scale" SMCA (see the module docstring).
@@ -142,7 +130,7 @@ class SMCAConvMultiScaleTransformer(DetrTransformerBase):
         self.input_proj, self.extra_proj = nn.ModuleList(projs), extra[0]
         self.position_embedding = PositionEmbeddingSine(d // 2, temperature=c.POS_TEMPERATURE)
         self.level_embed = nn.Parameter(torch.empty(self.num_levels, d))
-        self.encoder = ConvMultiScaleEncoder(
+        self.encoder = TransformerEncoder(  # over the list of levels
             ConvMultiScaleEncoderLayer(d, self.num_levels, c.DIM_FEEDFORWARD, c.DROPOUT, c.ACTIVATION), c.ENC_LAYERS)
         self.memory_conv = nn.Conv2d(d, d, kernel_size=3, stride=2, padding=1)
         self.query_embed = nn.Embedding(c.NUM_QUERIES, d)

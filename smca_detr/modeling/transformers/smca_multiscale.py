@@ -39,11 +39,10 @@ from torch import nn
 
 from ...layers.tracing import shape_ints
 from ..backbone import resize_mask
-from ..blocks import clones
 from ..position_encoding import PositionEmbeddingSine
 from ..registry import TRANSFORMER_REGISTRY
-from .common import (DetrTransformerBase, TransformerEncoderLayer, TransformerOutput, embed_levels, flatten_levels,
-                     level_projections)
+from .common import (DetrTransformerBase, TransformerEncoder, TransformerEncoderLayer, TransformerOutput, embed_levels,
+                     flatten_levels, level_projections)
 from .smca import MemorySegment, SMCADecoder, reset_smca_parameters
 
 __all__ = ["validate_encoder_layout", "MultiScaleEncoder", "SMCAMultiScaleTransformer"]
@@ -67,16 +66,14 @@ def validate_encoder_layout(layout, enc_layers: int) -> List[str]:
     return layout
 
 
-class MultiScaleEncoder(nn.Module):
+class MultiScaleEncoder(TransformerEncoder):
     """Encoder of the paper's multi-scale SMCA: standard DETR encoder layers, each either within
     every scale separately (``"intra"``, weights shared by the scales) or over all scales together
     (``"multi"``). Keys ``layers.{i}.*`` (``TransformerEncoderLayer``), ``norm`` with pre-norm."""
 
     def __init__(self, layer: TransformerEncoderLayer, layout: List[str], norm: Optional[nn.Module] = None):
-        super().__init__()
+        super().__init__(layer, len(layout), norm)
         self.layout = list(layout)
-        self.layers = clones(layer, len(layout))
-        self.norm = norm
 
     def forward(self, src, pos, key_padding_mask, sizes: List[int]):
         """src/pos ``[B,S,d]`` (levels concatenated), key_padding_mask ``[B,S]``, sizes per level."""
