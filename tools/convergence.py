@@ -518,7 +518,8 @@ def write_table(path, data, thresholds):
     out.append("")
     out.append("## Setup")
     out.append("")
-    out.append(f"- Data: train `{settings.get('train_dataset', '?')}`, evaluation on the first "
+    subset = "all" if settings.get("eval_dataset") == settings.get("val_dataset") else "the first"
+    out.append(f"- Data: train `{settings.get('train_dataset', '?')}`, evaluation on {subset} "
                f"{settings.get('eval_images', '?')} images (by image id) of `{settings.get('val_dataset', '?')}` "
                "(COCO AP, pure-Python COCOeval).")
     out.append(f"- Budget (identical for every model): {settings.get('max_iter', '?')} iterations × batch "
@@ -529,8 +530,8 @@ def write_table(path, data, thresholds):
                f"{b.get('enc_layers', '?')} encoder + {b.get('dec_layers', '?')} decoder layers, FFN "
                f"{b.get('ffn', '?')}, {b.get('queries', '?')} queries, dropout {b.get('dropout', '?')}, shorter "
                f"side {b.get('min_size_train', '?')} (max {b.get('max_size_train', '?')}; test "
-               f"{b.get('min_size_test', '?')}/{b.get('max_size_test', '?')}), flips, no crop; AdamW, the "
-               f"papers' learning rates (lr {b.get('lr', '?')}, Deformable DETR: its config's; backbone multiplier "
+               f"{b.get('min_size_test', '?')}/{b.get('max_size_test', '?')}), flips, no crop; AdamW lr "
+               f"{b.get('lr', '?')} (Deformable DETR: its config's, in the ratio of the papers' LRs; backbone multiplier "
                f"{b.get('backbone_multiplier', '?')}; Deformable keeps its paper's 0.1 on sampling_offsets / "
                "reference_points), weight decay "
                f"{b.get('weight_decay', '?')}, full-model clipping {b.get('clip', '?')}, "
