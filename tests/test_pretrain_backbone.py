@@ -22,16 +22,12 @@ def _tool():
 
 
 def _convergence_model(name, weights):
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
     from smca_detr.checkpoint import SmcaDetrCheckpointer
-    from smca_detr.config import add_smca_detr_config
+    from smca_detr.model_zoo import get_config
 
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / "convergence" / f"{name}.yaml"))
-    cfg.MODEL.WEIGHTS = str(weights)
+    cfg = get_config(str(REPO / "configs" / "convergence" / f"{name}.yaml"), ["MODEL.WEIGHTS", str(weights)])
     torch.manual_seed(0)
     model = build_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}

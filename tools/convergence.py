@@ -237,15 +237,10 @@ def register_eval_subset(val_name, num_images, work_dir):
 
 
 def build_cfg(args, run, eval_dataset=None):
-    from detectron2.config import get_cfg
+    from smca_detr.model_zoo import get_config
 
-    from smca_detr.config import add_smca_detr_config
-
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
     model_name, seed = parse_run(run, args.seed)
-    cfg.merge_from_file(os.path.join(args.config_dir, MODELS[model_name][0]))
-    cfg.merge_from_list(list(args.opts))
+    cfg = get_config(os.path.join(args.config_dir, MODELS[model_name][0]), args.opts)
     cfg.SOLVER.MAX_ITER = args.max_iter
     cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < args.max_iter)
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, args.max_iter)
@@ -410,7 +405,7 @@ def budget_of(cfg):
 
 def run_order(models):
     """Run ids in MODELS order, then by seed."""
-    return sorted(models, key=lambda r: (list(MODELS).index(r.partition("@")[0]), models[r]["settings"]["seed"]))
+    return sorted(models, key=lambda r: (list(MODELS).index(parse_run(r, None)[0]), models[r]["settings"]["seed"]))
 
 
 def first_reach(points, key, threshold):
@@ -428,7 +423,7 @@ def mean_curves(models):
     """model name -> (runs, {iteration: mean AP over the runs (seeds) evaluated at that iteration by all})."""
     runs = {}
     for run, e in models.items():
-        runs.setdefault(run.partition("@")[0], []).append(e)
+        runs.setdefault(parse_run(run, None)[0], []).append(e)
     out = {}
     for name, es in runs.items():
         per_run = [{p["iteration"]: p["AP"] for p in e["points"] if p["AP"] is not None} for e in es]
@@ -492,7 +487,7 @@ def seed_spread(models):
     runs = {}
     for run, e in models.items():
         if e.get("points"):
-            runs.setdefault(run.partition("@")[0], []).append((e["settings"]["seed"], e["points"][-1]))
+            runs.setdefault(parse_run(run, None)[0], []).append((e["settings"]["seed"], e["points"][-1]))
     out = []
     for m in MODELS:
         if len(runs.get(m, [])) > 1:
@@ -635,7 +630,7 @@ def write_plot(path, data):
               ("wall_s", "AP", "AP vs training time")]
     for ax, (xkey, ykey, title) in zip(axes, panels):
         for m in run_order(models):
-            name = m.partition("@")[0]
+            name = parse_run(m, None)[0]
             pts = [p for p in models[m]["points"] if p.get(ykey) is not None]
             ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], "--" if "@" in m else "-", marker="o", ms=4,
                     color=f"C{list(MODELS).index(name)}", lw=2.2 if name == "detr" else 1.5,

@@ -53,14 +53,9 @@ def parse_args(argv=None):
 
 
 def build_cfg(args):
-    from detectron2.config import get_cfg
+    from smca_detr.config import config_from_args
 
-    from smca_detr.config import add_smca_detr_config
-
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    cfg = config_from_args(args)
     cfg.MODEL.RESNETS.NORM = "BN"  # trainable statistics while classifying; the detector may freeze them
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.DEVICE = "cpu"

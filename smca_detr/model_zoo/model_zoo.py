@@ -66,16 +66,11 @@ def get_config_file(name: str) -> str:
 def get_config(name: str, opts: Sequence = ()):
     """detectron2 CfgNode: defaults + smca_detr keys + ``configs/<name>.yaml`` + ``opts``
     (``[KEY, VALUE, ...]``); not frozen."""
-    from detectron2.config import get_cfg
+    from argparse import Namespace
 
-    from ..config import add_smca_detr_config
+    from ..config import config_from_args
 
-    cfg = get_cfg()
-    add_smca_detr_config(cfg)
-    cfg.merge_from_file(get_config_file(name))
-    if opts:
-        cfg.merge_from_list([str(o) if not isinstance(o, str) else o for o in opts])
-    return cfg
+    return config_from_args(Namespace(config_file=get_config_file(name), opts=[str(o) for o in opts]))
 
 
 def inference_config(name: str, opts: Sequence = ()):
